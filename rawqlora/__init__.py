@@ -1,0 +1,1 @@
+"""Shared pieces of rawqlora that are neither LoRA (lora/) nor quantization (quant/)."""
