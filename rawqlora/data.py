@@ -1,0 +1,507 @@
+"""The SFT data pipeline: files -> records -> token ids with loss labels -> batches.
+
+    load_records(spec)          a local .json/.jsonl/.csv/.parquet/.txt file, or a Hub dataset name
+    detect_format(columns)      "chat" | "alpaca" | "prompt-response" | "text"
+    ensure_chat_template(tok)   ChatML when the tokenizer has no template (+ its tokens if missing)
+    encode(record, ...)         one record -> input_ids, labels (-100 where there is no loss)
+    prepare(spec, ...)          all of the above for a train and an eval split, with counts
+    batches, collate            deterministic length-grouped batches, right padding
+    pack, collate_packed        several samples per row, kept apart by restarting position_ids
+
+Labels follow transformers: labels[i] is the target *at* position i and the model shifts
+them, so logits[i] is scored against labels[i + 1]. labels[0] is therefore never a target,
+and encode() sets it to -100 so that token counts are honest and packing is safe (see pack).
+
+What gets a loss: the responses only (every assistant turn of a chat, alpaca's output,
+the response of prompt-response), each followed by EOS as a target so the model learns to
+stop; all tokens for text. `train_on_prompt=True` puts the loss on everything instead.
+"""
+
+import csv
+import io
+import json
+import os
+import random
+import re
+
+import datasets
+import jinja2
+import pyarrow.parquet as pq
+import torch
+
+from rawqlora.errors import BadInput
+from rawqlora.tiny import CHATML_TEMPLATE
+
+IGNORE = -100  # the label that gets no loss: torch's cross_entropy ignore_index default
+FORMATS = ("chat", "alpaca", "prompt-response", "text")
+EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# Roles as written in the data -> roles the chat template knows (ShareGPT says human/gpt).
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+
+# Stanford Alpaca's prompts, verbatim, so alpaca-style checkpoints keep working.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_records(spec, split="train"):
+    """Records from a local file (by extension) or, when `spec` is no local path, from the Hub.
+
+    .jsonl: one JSON object a line (blank lines skipped). .json: a list of objects, or JSON
+    lines. .csv: a header row, every cell a string. .parquet: one record a row. .txt: one
+    {"text": ...} record per paragraph (blocks separated by blank lines), so that multi-line
+    documents such as code or poems stay whole. `split` is used for Hub datasets only.
+    """
+    path = os.path.expanduser(spec)
+    if os.path.isfile(path):
+        return _load_file(path)
+    if os.path.exists(path):
+        raise BadInput(f"{spec} is a directory; give a data file ({', '.join(EXTENSIONS)})")
+    if path.endswith(EXTENSIONS) or spec.startswith(("/", ".", "~")):
+        raise BadInput(f"data file {spec} does not exist; check the path")
+    try:
+        records = datasets.load_dataset(spec, split=split)
+    except (OSError, ValueError) as e:  # not on the Hub, offline, no such split
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(
+            f"{spec!r} is no local file and could not be loaded from the Hub ({reason}); "
+            "check the path, the dataset name or the split"
+        ) from e
+    if len(records) == 0:
+        raise BadInput(f"Hub dataset {spec!r} split {split!r} has no records; pick another split")
+    return records
+
+
+def _load_file(path):
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in EXTENSIONS:
+        raise BadInput(f"{path}: unsupported file type {ext or '(none)'}; use one of {', '.join(EXTENSIONS)}")
+    if os.path.getsize(path) == 0:
+        raise BadInput(f"{path} is empty; it needs at least one record")
+    if ext == ".parquet":
+        rows = pq.read_table(path).to_pylist()
+    else:
+        try:
+            with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: drop a BOM if present
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise BadInput(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from e
+        if ext == ".csv":
+            rows = _csv_rows(path, text)
+        elif ext == ".txt":
+            rows = [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
+        elif ext == ".json" and text.lstrip().startswith("["):
+            rows = _json_array(path, text)
+        else:  # .jsonl, and .json files that hold JSON lines (common)
+            rows = _json_lines(path, text)
+    if not rows:
+        raise BadInput(f"{path} is empty (no records); it needs at least one record")
+    # Columns from every record, not just the first (from_list would drop keys the first
+    # record lacks); fields of mixed types stay as they are, so that encode() can name the
+    # record with the wrong type instead of pyarrow failing on the whole column.
+    columns = {key: [row.get(key) for row in rows] for row in rows for key in row}
+    return datasets.Dataset.from_dict(columns, on_mixed_types="use_json")
+
+
+def _csv_rows(path, text):
+    reader = csv.DictReader(io.StringIO(text))  # a file object, so quoted cells may span lines
+    rows = []
+    for row in reader:
+        if None in row:  # DictReader's key for cells beyond the header
+            raise BadInput(f"{path} line {reader.line_num}: more cells than the header has columns; quote cells that contain commas")
+        rows.append(row)
+    return rows
+
+
+def _json_array(path, text):
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path} line {e.lineno}: malformed JSON ({e.msg}); fix the file") from e
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BadInput(f"{path}: item {i} has type {type(row).__name__}; every record must be a JSON object")
+    return rows
+
+
+def _json_lines(path, text):
+    # Parsed here, line by line, because datasets' JSON loader reports a bad line without its
+    # number. Split on "\n" only: str.splitlines() would also split on U+2028 and friends,
+    # which JSON allows unescaped inside strings.
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path} line {number}: malformed JSON ({e.msg}); each line must be one JSON object") from e
+        if not isinstance(row, dict):
+            raise BadInput(f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line must be one record")
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def detect_format(columns):
+    """The format the column names say. Structured formats win over `text`, because datasets
+    such as tatsu-lab/alpaca also carry a pre-rendered `text` column."""
+    cols = set(columns)
+    if cols & {"messages", "conversations"}:
+        return "chat"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "response"} <= cols or {"question", "answer"} <= cols:
+        return "prompt-response"
+    if "text" in cols:
+        return "text"
+    raise BadInput(
+        f"can't tell the data format from the columns {sorted(cols)}; expected messages or "
+        "conversations (chat), instruction+output[+input] (alpaca), prompt+response or "
+        "question+answer[+system_prompt] (prompt-response), or text (text)"
+    )
+
+
+def alpaca_prompt(instruction, input=""):
+    """Alpaca's prompt, up to and including "### Response:\\n"; generation starts after it."""
+    if input:
+        return ALPACA_PROMPT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _field(record, name, required=True):
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise BadInput(f"field {name!r} is missing")
+        return ""
+    if not isinstance(value, str):
+        raise BadInput(f"field {name!r} has type {type(value).__name__}, expected a string")
+    return value
+
+
+def to_messages(record, fmt):
+    """A chat or prompt-response record as [{"role", "content"}, ...] with roles system/user/assistant.
+
+    prompt-response is a one-turn chat ([system_prompt,] prompt, response) rendered with the
+    tokenizer's chat template, so the model is trained in the format it is prompted with.
+    """
+    if fmt == "prompt-response":
+        prompt, answer = ("prompt", "response") if "prompt" in record else ("question", "answer")
+        system = _field(record, "system_prompt", required=False)
+        messages = [{"role": "system", "content": system}] if system else []
+        return messages + [
+            {"role": "user", "content": _field(record, prompt)},
+            {"role": "assistant", "content": _field(record, answer)},
+        ]
+    key = "messages" if record.get("messages") is not None else "conversations"
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise BadInput(f"field {key!r} must be a non-empty list of messages")
+    messages = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadInput(f"{key}[{j}] has type {type(turn).__name__}; expected an object with role/content or from/value")
+        # Both spellings may sit in one column (datasets merges the struct fields, None where absent).
+        role = turn.get("role") if turn.get("role") is not None else turn.get("from")
+        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+        if not isinstance(role, str) or role not in ROLES:
+            raise BadInput(f"{key}[{j}] has role {role!r}; use system/user/assistant (or ShareGPT's system/human/gpt)")
+        if not isinstance(content, str):
+            raise BadInput(f"{key}[{j}] has content {content!r}; every message needs a string content (or value)")
+        messages.append({"role": ROLES[role], "content": content})
+    return messages
+
+
+# ----------------------------------------------------------------------------- chat template
+
+
+def ensure_chat_template(tokenizer, force_chatml=False):
+    """Make `tokenizer` able to render chats; returns (notices, new_token_ids). Mutates `tokenizer`.
+
+    Without a chat template (or with `force_chatml`, e.g. for a base model whose template
+    belongs to its instruct sibling) the template becomes ChatML, and `<|im_start|>` /
+    `<|im_end|>` are added as special tokens unless the vocabulary already has each as one
+    token. `new_token_ids` are rows the model does not have yet: the caller must resize the
+    embeddings (and train or mean-initialise those rows). `notices` are lines to print.
+    """
+    if tokenizer.chat_template is not None and not force_chatml:
+        return [], []
+    had_template = tokenizer.chat_template is not None
+    tokenizer.chat_template = CHATML_TEMPLATE
+    notices = ["using ChatML instead of the tokenizer's chat template" if had_template
+               else "the tokenizer has no chat template; using ChatML"]
+    missing = [t for t in CHATML_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    if not missing:
+        return notices, []
+    tokenizer.add_tokens(missing, special_tokens=True)
+    new_ids = tokenizer.convert_tokens_to_ids(missing)
+    notices.append(f"added {' '.join(missing)} to the vocabulary as special tokens (ids {new_ids})")
+    return notices, new_ids
+
+
+def _render(tokenizer, messages, add_generation_prompt=False):
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except jinja2.TemplateError as e:  # templates reject e.g. non-alternating roles this way
+        raise BadInput(f"the chat template rejected this conversation ({e})") from e
+
+
+def _chat_segments(messages, tokenizer):
+    """(text, is_target) pieces of a rendered chat: each assistant turn is a target.
+
+    An assistant turn's text is found by rendering prefixes: render(messages[:i]) with the
+    generation prompt ends where turn i's content starts, render(messages[:i+1]) ends after
+    the turn. That assumes a prefix-stable template (rendering more messages only appends
+    text); templates that rewrite earlier turns (e.g. dropping old reasoning) are refused.
+    """
+    if messages[0]["role"] == "assistant":
+        raise BadInput("the conversation starts with an assistant turn; start with a system or user message")
+    unstable = BadInput(
+        "the chat template is not prefix-stable (rendering a longer conversation changes the "
+        "earlier text), so assistant turns can't be located; use force_chatml or another template"
+    )
+    segments, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1])
+        if not (head.startswith(done) and full.startswith(head)):
+            raise unstable
+        turn = full[len(head):]
+        # The turn's trailing whitespace (ChatML's "\n" after <|im_end|>) is glue between
+        # turns: EOS goes right after the end-of-turn token and the glue gets no loss.
+        end = len(turn.rstrip())
+        segments += [(head[len(done):], False), (_with_eos(turn[:end], tokenizer), True), (turn[end:], False)]
+        done = full
+    rest = _render(tokenizer, messages)
+    if not rest.startswith(done):
+        raise unstable
+    segments.append((rest[len(done):], False))
+    return segments
+
+
+def _with_eos(text, tokenizer):
+    # Templates whose end-of-turn is EOS (e.g. Qwen2 instruct, <|im_end|>) already end with it.
+    return text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token
+
+
+# ----------------------------------------------------------------------------- encoding
+
+
+def encode(record, tokenizer, fmt, max_len, train_on_prompt=False):
+    """One record -> ({"input_ids": [...], "labels": [...]}, truncated: bool).
+
+    labels[i] == input_ids[i] where there is loss, -100 elsewhere. BOS is prepended when the
+    tokenizer has one and the text does not already start with it. The whole text is
+    tokenized at once (as at inference) and each token is labelled by its character offsets:
+    a token that overlaps a response is a target. Truncation keeps the first `max_len` tokens.
+    """
+    if tokenizer.eos_token is None:
+        raise BadInput("the tokenizer has no EOS token; set tokenizer.eos_token so the model can learn to stop")
+    if fmt == "text":
+        segments = [(_with_eos(_field(record, "text"), tokenizer), True)]
+    elif fmt == "alpaca":
+        prompt = alpaca_prompt(_field(record, "instruction"), _field(record, "input", required=False))
+        segments = [(prompt, False), (_with_eos(_field(record, "output"), tokenizer), True)]
+    elif fmt in ("chat", "prompt-response"):
+        segments = _chat_segments(to_messages(record, fmt), tokenizer)
+    else:
+        raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")  # prepare() checks users' input
+
+    text = "".join(piece for piece, _ in segments)
+    is_target = bytearray(len(text))  # per character
+    at = 0
+    for piece, target in segments:
+        if target:
+            is_target[at : at + len(piece)] = b"\x01" * len(piece)
+        at += len(piece)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [t if train_on_prompt or any(is_target[a:b]) else IGNORE for t, (a, b) in zip(ids, enc["offset_mapping"])]
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos]:
+        ids, labels = [bos] + ids, [IGNORE] + labels
+    labels[0] = IGNORE  # nothing predicts the first token (see the module docstring)
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}, len(ids) > max_len
+
+
+def prepare(spec, tokenizer, fmt="auto", max_len=1024, train_on_prompt=False,
+            eval_split=0.05, eval_data=None, seed=0, force_chatml=False):
+    """Load, check and encode a dataset -> (train_samples, eval_samples, stats).
+
+    The eval samples come from `eval_data` (a file or Hub name, same format) when given,
+    else from a seeded random `eval_split` fraction of the records (at least one record when
+    the fraction is > 0 and there are two or more). Samples with no target token left (e.g.
+    the response was truncated away) are dropped and counted. For chat-like formats
+    ensure_chat_template() runs first: print stats["notices"], resize for stats["new_token_ids"].
+
+    stats = {"format", "notices", "new_token_ids",
+             "train": {"records", "samples", "truncated", "dropped", "tokens", "target_tokens"},
+             "eval": {same keys}}
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise BadInput(f"unknown data format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
+    if max_len < 2:
+        raise BadInput(f"max_len={max_len} leaves no room for a target token; use at least 2")
+    if not 0 <= eval_split < 1:
+        raise BadInput(f"eval_split={eval_split} must be a fraction in [0, 1)")
+    records = load_records(spec)
+    auto = fmt == "auto"
+    fmt = detect_format(records.column_names) if auto else fmt
+    notices = []
+    if eval_data is not None:
+        eval_records = load_records(eval_data)
+        eval_fmt = detect_format(eval_records.column_names) if auto else fmt
+        if eval_fmt != fmt:
+            raise BadInput(f"eval data {eval_data} is {eval_fmt} but the training data is {fmt}; use one format")
+        train_idx, eval_idx = range(len(records)), range(len(eval_records))
+    else:
+        eval_records = records
+        order = list(range(len(records)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(max(1, round(len(order) * eval_split)), len(order) - 1) if eval_split > 0 else 0
+        if eval_split > 0 and n_eval == 0:
+            notices.append("only one record: no eval split")
+        train_idx, eval_idx = sorted(order[n_eval:]), sorted(order[:n_eval])
+
+    new_ids = []
+    if fmt in ("chat", "prompt-response"):
+        chat_notices, new_ids = ensure_chat_template(tokenizer, force_chatml)
+        notices += chat_notices
+    args = (tokenizer, fmt, max_len, train_on_prompt)
+    train, train_stats = _encode_all(spec, records, train_idx, *args)
+    evals, eval_stats = _encode_all(eval_data or spec, eval_records, eval_idx, *args)
+    stats = {"format": fmt, "notices": notices, "new_token_ids": new_ids, "train": train_stats, "eval": eval_stats}
+    return train, evals, stats
+
+
+def _encode_all(name, records, indices, tokenizer, fmt, max_len, train_on_prompt):
+    samples = []
+    counts = dict(records=len(indices), samples=0, truncated=0, dropped=0, tokens=0, target_tokens=0)
+    for i in indices:
+        try:
+            sample, truncated = encode(records[i], tokenizer, fmt, max_len, train_on_prompt)
+        except BadInput as e:
+            raise BadInput(f"{name} record {i} (0-based): {e}") from e
+        counts["truncated"] += truncated
+        targets = sum(label != IGNORE for label in sample["labels"])
+        if targets == 0:
+            counts["dropped"] += 1
+            continue
+        samples.append(sample)
+        counts["samples"] += 1
+        counts["tokens"] += len(sample["input_ids"])
+        counts["target_tokens"] += targets
+    if indices and not samples:
+        raise BadInput(
+            f"{name}: every one of the {len(indices)} samples has all labels masked "
+            f"({counts['truncated']} truncated at max_len={max_len}); raise max_len or check "
+            "that the records have responses"
+        )
+    return samples, counts
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def batches(samples, batch_size, seed, epoch, group_by_length=True):
+    """One epoch's batches as lists of sample indices; the same (seed, epoch) gives the same
+    list, so a resumed run skips the first k batches and sees exactly what it would have.
+
+    Length grouping (less padding, same randomness across the epoch): shuffle, sort by
+    length inside mega-chunks of 50 batches, cut into batches, shuffle the batches. The
+    batch holding the longest sample goes first, so an out-of-memory shows at step 1.
+    The last batch may be smaller.
+    """
+    rng = random.Random(f"{seed}/{epoch}")
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+
+    def length(i):
+        return len(samples[i]["input_ids"])
+
+    if group_by_length:
+        chunk = 50 * batch_size
+        order = [i for k in range(0, len(order), chunk) for i in sorted(order[k : k + chunk], key=length, reverse=True)]
+    out = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    if group_by_length and out:
+        rng.shuffle(out)
+        longest = max(range(len(out)), key=lambda b: length(out[b][0]))  # sorted: [0] is its longest
+        out.insert(0, out.pop(longest))
+    return out
+
+
+def collate(samples, pad_id):
+    """Right-padded LongTensors input_ids, labels (-100 on padding), attention_mask [batch, longest]."""
+    width = max(len(s["input_ids"]) for s in samples)
+
+    def pad(seq, value):
+        return seq + [value] * (width - len(seq))
+
+    return {
+        "input_ids": torch.tensor([pad(s["input_ids"], pad_id) for s in samples]),
+        "labels": torch.tensor([pad(s["labels"], IGNORE) for s in samples]),
+        "attention_mask": torch.tensor([pad([1] * len(s["input_ids"]), 0) for s in samples]),
+    }
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack(samples, max_len):
+    """Concatenate samples, in order, into rows of at most `max_len` tokens (next-fit: a new
+    row starts when the next sample does not fit). Rows are dicts of input_ids, labels and
+    position_ids; position_ids restart at 0 where each sample starts. A sample longer than
+    `max_len` gets a row of its own. Rows work with batches() like samples do.
+
+    The shifted loss scores labels[j] against the logits at j - 1, so a sample's first label
+    would be predicted from the previous sample's last token: it is set to -100.
+    """
+    rows = []
+    for s in samples:
+        n = len(s["input_ids"])
+        if not rows or len(rows[-1]["input_ids"]) + n > max_len:
+            rows.append({"input_ids": [], "labels": [], "position_ids": []})
+        row = rows[-1]
+        row["input_ids"] += s["input_ids"]
+        row["labels"] += [IGNORE] + s["labels"][1:]
+        row["position_ids"] += range(n)
+    return rows
+
+
+def collate_packed(rows, pad_id):
+    """Right-padded LongTensors input_ids, labels, position_ids [batch, longest]; no attention_mask.
+
+    Call the model as model(input_ids=..., position_ids=..., use_cache=False) with no
+    attention_mask. transformers (masking_utils.find_packed_sequence_indices) turns each
+    restart of position_ids into a block of its own -- no attention across samples -- only
+    when attention_mask is None and there is no KV cache; with the default use_cache=True
+    the model makes a cache and the samples see each other. Padding is one more block
+    (positions from 0) that no real token can see, as it comes after them.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(seq, filler):
+        return seq + filler[: width - len(seq)]
+
+    return {
+        "input_ids": torch.tensor([pad(r["input_ids"], [pad_id] * width) for r in rows]),
+        "labels": torch.tensor([pad(r["labels"], [IGNORE] * width) for r in rows]),
+        "position_ids": torch.tensor([pad(r["position_ids"], list(range(width))) for r in rows]),
+    }
