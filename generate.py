@@ -1,0 +1,265 @@
+"""Generate text from a causal LM, with or without a QLoRA adapter.
+
+    python generate.py --model DIR [--adapter ADAPTER_DIR] "What is the capital of France?"
+    python generate.py --model DIR --prompt-file prompts.txt     # one prompt a line, one batch
+    cat prompts.txt | python generate.py --model DIR             # the same, from stdin
+    python generate.py --model DIR --adapter OUT --chat          # multi-turn chat; /exit or EOF ends
+
+Prompts go through the tokenizer's chat template as a user turn (`--raw` sends them as they
+are). A single prompt streams to stdout as it is generated; several run as one batch and are
+printed when done. The token rate goes to stderr, so stdout holds only the model's text.
+
+Defaults: greedy decoding (`--temperature 0`), so the same model and prompt always give the
+same answer, which is what you want when checking what a fine-tune learned; for varied chat
+replies try `--temperature 0.7 --top-p 0.9`. 4-bit NF4 weights on GPU, unquantized fp32 on CPU
+(bitsandbytes' 4-bit CPU kernels work but are slow, and a model that fits on a CPU fits in fp32).
+"""
+
+import os
+import sys
+
+import torch
+from transformers import AutoTokenizer
+
+import lora
+import quant
+from rawqlora.cli import ArgumentParser, run
+from rawqlora.decode import Sampling, generate
+from rawqlora.errors import BadInput
+from rawqlora.tiny import CHATML_TEMPLATE
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3, Gemma, Llama 2 / Mistral),
+# stop tokens whenever the vocabulary has them: a chat model ends its reply with one, which is
+# not always its EOS.
+END_OF_TURN = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"]
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv):
+    p = ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0])
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts; several run as one batch")
+    p.add_argument("--model", required=True, help="Hugging Face model directory (the base)")
+    p.add_argument("--adapter", help="LoRA adapter directory (PEFT format) to apply on the base")
+    p.add_argument("--prompt-file", help="file with one prompt per line ('-' for stdin)")
+    p.add_argument("--raw", action="store_true", help="send prompts as they are, no chat template")
+    p.add_argument("--system", help="system message, as the first turn of the chat template")
+    p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off; 1.1-1.3 curbs loops")
+    p.add_argument("--seed", type=int, help="sampling seed; the same seed repeats (default: random)")
+    p.add_argument("--quant", choices=["nf4", "fp4", "none"], help="default: nf4 on cuda, none on cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype; default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
+    args = p.parse_args(argv)
+
+    if args.max_new_tokens < 1:
+        raise BadInput(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise BadInput(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise BadInput(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise BadInput(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.repetition_penalty <= 0:
+        raise BadInput(f"--repetition-penalty must be > 0 (1 = off), got {args.repetition_penalty}")
+    if args.temperature == 0 and (args.top_k or args.top_p < 1 or args.seed is not None):
+        raise BadInput("--top-k, --top-p and --seed shape sampling; set --temperature > 0 (0 = greedy)")
+    if args.raw and (args.chat or args.system is not None):
+        raise BadInput("--chat and --system need the chat template; drop --raw")
+    if args.chat and (args.prompts or args.prompt_file):
+        raise BadInput("--chat reads its turns from stdin; drop the prompts and --prompt-file")
+    if not os.path.isdir(args.model):
+        raise BadInput(f"--model {args.model}: no such directory; pass a Hugging Face model directory")
+    if args.adapter is not None and not os.path.isdir(args.adapter):
+        raise BadInput(f"--adapter {args.adapter}: no such directory; pass the adapter train.py saved")
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda, but torch sees no GPU; use --device cpu")
+    on_gpu = args.device == "cuda"
+    args.quant = args.quant or ("nf4" if on_gpu else "none")
+    args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    return args
+
+
+def read_prompts(args):
+    """Prompts from the command line and --prompt-file, else from stdin when it is piped."""
+    prompts = list(args.prompts)
+    source = args.prompt_file
+    if source is None and not prompts and not sys.stdin.isatty():
+        source = "-"  # piped stdin reads like a prompt file
+    if source == "-":
+        prompts += [line.rstrip("\n") for line in sys.stdin]
+    elif source is not None:
+        if not os.path.isfile(source):
+            raise BadInput(f"--prompt-file {source}: no such file")
+        with open(source, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f]
+    prompts = [p for p in prompts if p.strip()]  # blank lines separate, they are not prompts
+    if not prompts:
+        raise BadInput("no prompt: pass PROMPT, --prompt-file, prompts on stdin, or --chat")
+    return prompts
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(args):
+    """From the adapter when it carries one (training may have added tokens), else the model's."""
+    adapter_has_one = args.adapter is not None and any(
+        os.path.isfile(os.path.join(args.adapter, name)) for name in TOKENIZER_FILES
+    )
+    path = args.adapter if adapter_has_one else args.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
+    if tokenizer.chat_template is None and not args.raw:
+        print("note: the tokenizer has no chat template; using ChatML (--raw sends text as is)",
+              file=sys.stderr)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def load(args):
+    tokenizer = load_tokenizer(args)
+    model = quant.load_model(
+        args.model,
+        quant=None if args.quant == "none" else args.quant,
+        compute_dtype=DTYPES[args.dtype],
+        device=args.device,
+    )
+    if args.adapter is not None:
+        lora.load_adapter(model, args.adapter)
+    model.eval()  # no dropout, in the base or the adapter
+    return tokenizer, model
+
+
+def stop_ids(tokenizer, model):
+    """EOS (the tokenizer's and the model's generation config's) and any end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
+def encode(tokenizer, messages_or_text, raw):
+    if raw:
+        return tokenizer(messages_or_text)["input_ids"]  # BOS etc. as the tokenizer adds them
+    text = tokenizer.apply_chat_template(messages_or_text, add_generation_prompt=True, tokenize=False)
+    # The rendered template already holds its special tokens (BOS included where it has one).
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def turn(prompt, system):
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class TextStream:
+    """Prints a growing output as text, as its tokens come.
+
+    Each step decodes the whole output and prints what is new. A token can end in the middle
+    of a multi-byte character, which decodes to U+FFFD; such text is held back until the next
+    token completes the character.
+    """
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids, self.printed = [], 0
+
+    def __call__(self, step):
+        if step[0] is None:
+            return
+        self.ids.append(step[0])
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.printed :])
+            self.out.flush()
+            self.printed = len(text)
+
+    def finish(self):
+        """Print what was held back (an output cut mid-character ends in U+FFFD) and a newline."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[self.printed :] + "\n")
+        self.out.flush()
+        return text
+
+
+def report(out):
+    seconds = out.prefill_seconds + out.decode_seconds
+    print(
+        f"{out.new_tokens} tokens in {seconds:.2f}s ({out.new_tokens / seconds:.1f} tokens/s; "
+        f"prefill of {out.prompt_tokens} prompt tokens {out.prefill_seconds:.2f}s)",
+        file=sys.stderr,
+    )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def chat(args, tokenizer, model, decode):
+    """Read a user turn, answer it, keep both in the history; /exit or EOF ends."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)  # stderr: stdout holds only replies
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            print(file=sys.stderr)  # end the "> " line, so the shell's prompt starts on its own
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        # The whole history is re-rendered and re-prefilled every turn: exactly what the
+        # template says the model sees; keeping the KV cache across turns would only save time.
+        stream = TextStream(tokenizer, sys.stdout)
+        out = decode([encode(tokenizer, messages, raw=False)], stream)
+        messages.append({"role": "assistant", "content": stream.finish()})
+        report(out)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    prompts = None if args.chat else read_prompts(args)
+    tokenizer, model = load(args)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+    stops = stop_ids(tokenizer, model)
+    # Any id works as pad: pads are masked in the prompt and dropped from the outputs.
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def decode(batch, on_step=None):
+        return generate(model, batch, args.max_new_tokens, stops, pad_id, sampling, on_step)
+
+    if args.chat:
+        return chat(args, tokenizer, model, decode)
+    batch = [encode(tokenizer, p if args.raw else turn(p, args.system), args.raw) for p in prompts]
+    if len(batch) == 1:
+        stream = TextStream(tokenizer, sys.stdout)
+        out = decode(batch, stream)
+        stream.finish()
+    else:
+        out = decode(batch)
+        for prompt, ids in zip(prompts, out.tokens):
+            print(f">>> {prompt}\n{tokenizer.decode(ids, skip_special_tokens=True)}\n")
+    report(out)
+
+
+if __name__ == "__main__":
+    run(main)
