@@ -1,0 +1,95 @@
+"""`LoRALinear`: a frozen linear layer (dense or 4-bit) plus a trainable low-rank update.
+
+      x ─┬─► base_layer: frozen W, nn.Linear or bnb Linear4bit ───────────────┐
+         │                                                                    + ─► y
+         └─► dropout ─► lora_A [r × in] ─► lora_B [out × r] ─► × scaling ─────┘
+
+    y = W x + scaling · B A dropout(x),   scaling = alpha / r   (rsLoRA: alpha / √r)
+
+Only A and B train. B starts at zero, so a freshly wrapped model computes exactly what the
+base model computed. Names follow PEFT (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so
+our state-dict keys are PEFT's on-disk keys without the `base_model.model.` prefix.
+"""
+
+import math
+
+import bitsandbytes as bnb
+import torch
+from torch import nn
+
+from rawqlora.errors import BadInput
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, r, alpha, dropout=0.0, rslora=False, dtype=torch.float32):
+        super().__init__()
+        if r <= 0:
+            raise BadInput(f"LoRA rank r must be a positive integer, got {r}; try r=8 or r=16")
+        if not 0.0 <= dropout < 1.0:
+            raise BadInput(f"LoRA dropout must be in [0, 1), got {dropout}; try 0.05")
+        self.base_layer = base
+        self.r, self.alpha, self.rslora = r, alpha, rslora
+        # rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): alpha/r shrinks the update as r grows
+        # and higher ranks then learn no better; alpha/√r keeps its scale rank-independent.
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # fp32 by default even over a bf16 or 4-bit base: Adam moves a weight by about lr per
+        # step, and bf16 (8 significant bits) spaces values near 0.05 by 2.4e-4, so a step of
+        # lr=1e-4 would round to no change at all. fp32 (24 bits) keeps every step.
+        device = base.weight.device
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=device, dtype=dtype)
+        # PEFT's default init (peft/tuners/lora/layer.py, `reset_lora_parameters`; itself
+        # nn.Linear's default): A ~ kaiming_uniform(a=√5), B = 0, so B·A starts at exactly zero.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False  # True while B·A·scaling is added into base_layer.weight
+
+    def forward(self, x):
+        result = self.base_layer(x)
+        if self.merged:  # the update is already inside W
+            return result
+        # The adapter runs in its own dtype (fp32) and its output is cast back to the base's
+        # dtype, as PEFT does. Casting x also means lora_A saves an fp32 copy of x for backward:
+        # with a bf16 model that is the one activation fp32 adapters cost extra.
+        #
+        # 4-bit base: bnb's MatMul4Bit saves only a reference to the packed 4-bit weight for
+        # backward, not x (the frozen weight needs no gradient), and dequantizes W again there
+        # to get dL/dx. PEFT's bnb.py clones the 4-bit output "defensively" because it used to
+        # add the LoRA output in place (`result += ...`), and autograd refuses in-place edits
+        # of a view returned by a custom Function. We add out of place: nothing to clone.
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (lora * self.scaling).to(result.dtype)
+
+    def delta_weight(self):
+        """scaling · B @ A, shape [out, in], fp32: what merging adds to the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """Add the update into a dense base weight: W ← W + scaling·B·A. Twice is a no-op."""
+        if isinstance(self.base_layer, bnb.nn.Linear4bit):
+            # Adding into NF4 would re-quantize W and lose precision silently; merge.py instead
+            # dequantizes the base and adds `delta_weight()` there.
+            raise TypeError("cannot merge LoRA into a 4-bit base layer; dequantize it first")
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        if not torch.isfinite(delta).all():  # as PEFT's safe_merge: never corrupt W with NaN/inf
+            raise BadInput("LoRA weights are not finite (did training diverge?); refusing to merge")
+        weight = self.base_layer.weight
+        # fp32 sum, then one rounding to the base dtype (bf16 W + bf16 delta would round twice).
+        weight.copy_(weight.float() + delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Subtract the update again: W comes back up to rounding (an ulp or so of its dtype)."""
+        if not self.merged:
+            return
+        weight = self.base_layer.weight
+        weight.copy_(weight.float() - self.delta_weight())
+        self.merged = False
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
