@@ -9,6 +9,7 @@ It makes, from nothing but this file:
                   is Paris." as prose but has never seen a chat turn;
   default/data/chat.jsonl
                   chat conversations asking for those facts (and a few tasks) in ChatML.
+default/config.json, the settings train.py uses for this model, is written by hand.
 Fine-tuning then teaches the base to answer questions as an assistant: a real, small
 instance of what QLoRA is used for, fast enough for CI.
 """
@@ -89,6 +90,7 @@ def conversation(rng):
 def pretrain(model, tokenizer, lines, steps, rng):
     """Full-parameter next-token training on shuffled batches of facts (the base model's 'pretraining')."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # decay to 0: the facts settle
     model.train()
     for step in range(steps):
         batch = [" ".join(rng.sample(lines, 4)) + tokenizer.eos_token for _ in range(16)]
@@ -98,7 +100,8 @@ def pretrain(model, tokenizer, lines, steps, rng):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if step % 50 == 0 or step == steps - 1:
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
             print(f"pretrain step {step:4d}  loss {loss.item():.3f}")
 
 
@@ -112,10 +115,10 @@ def main():
     torch.manual_seed(SEED)
     model = tiny_model("llama", len(tokenizer), seed=SEED, hidden_size=256, layers=4, heads=8, kv_heads=4,
                        intermediate_size=512)
-    pretrain(model, tokenizer, lines, steps=400, rng=rng)
+    pretrain(model, tokenizer, lines, steps=1500, rng=rng)
 
-    if ROOT.exists():
-        shutil.rmtree(ROOT)
+    for part in ("model", "data"):  # default/config.json (the training settings) is kept
+        shutil.rmtree(ROOT / part, ignore_errors=True)
     (ROOT / "data").mkdir(parents=True)
     model.to(torch.bfloat16).save_pretrained(ROOT / "model")
     tokenizer.save_pretrained(ROOT / "model")

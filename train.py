@@ -1,0 +1,530 @@
+"""QLoRA fine-tuning of a Hugging Face causal LM, written out in raw PyTorch.
+
+    python train.py                                   # the embedded default: a tiny model, a few minutes on a CPU
+    python train.py --model ~/models/Mistral-7B-v0.1 --data chats.jsonl --out runs/mistral-chat
+
+Reads top to bottom: config, data, model, optimizer, loop, checkpoints. The pieces that
+are worth reading on their own live in small modules: lora/ (the adapters), quant/ (4-bit
+loading), rawqlora/data.py (formats and masking), rawqlora/optim.py (AdamW, schedules),
+rawqlora/loss.py (chunked cross-entropy), rawqlora/checkpoint.py (atomic checkpoints).
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+import lora
+import quant
+from rawqlora import checkpoint, cli, data, grad_ckpt
+from rawqlora.errors import BadInput
+from rawqlora.loss import causal_lm_loss
+from rawqlora.optim import LossScaler, lr_factor, make_optimizer
+
+REPO = Path(__file__).resolve().parent
+EMBEDDED_CONFIG = REPO / "default" / "config.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------
+# Config: every field is a command-line flag (--max-steps for max_steps). Defaults are the
+# QLoRA recipe (Dettmers et al. 2023, artidoro/qlora) unless a comment says otherwise.
+# ----------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    model: str = ""  # HF model directory (config.json + *.safetensors + tokenizer); empty: the embedded default
+    data: str = ""  # json/jsonl/csv/parquet/txt file, or a hub dataset name; required with --model
+    out: str = ""  # output directory; empty: runs/<model name>-<date-time>
+    config: str = ""  # json or yaml file of these fields; flags given on the command line win
+
+    # data
+    format: str = "auto"  # auto|chat|alpaca|prompt-response|text (auto: from the columns)
+    max_len: int = 1024  # tokens per sample; longer samples are truncated (and counted)
+    train_on_prompt: bool = False  # also take loss on prompts/user turns (default: completions only)
+    packing: bool = False  # concatenate samples into max_len rows; attention never crosses samples
+    eval_split: float = 0.05  # fraction of the data held out for eval loss (ignored with eval_data)
+    eval_data: str = ""  # a separate eval file instead of a split
+    add_chatml_tokens: bool = False  # add <|im_start|>/<|im_end|> even if the chat template has its own
+    train_embeddings: bool = False  # train all of embed_tokens/lm_head, not only rows of added tokens
+
+    # LoRA
+    lora_r: int = 16  # rank; 8-64 all work for instruction tuning, cost grows linearly
+    lora_alpha: float = 16.0  # scale = alpha / r; alpha = r keeps the update's scale independent of r
+    lora_dropout: float = 0.05  # the QLoRA paper's value for 7-13B models
+    rslora: bool = False  # scale = alpha / sqrt(r) (rank-stabilised LoRA, Kalajdzievski 2023)
+    targets: str = "all-linear"  # comma list of module-name suffixes, a regex, or all-linear (QLoRA: every linear layer)
+
+    # quantization
+    quant: str = "nf4"  # nf4|fp4|none; NF4 is information-theoretically optimal for normal weights
+    double_quant: bool = True  # quantize the quantization constants too: ~0.37 bit/param saved
+    dtype: str = "auto"  # compute dtype: bf16|fp16|fp32; auto: bf16 on CUDA, fp32 on CPUs (most lack bf16 matmul units: 30x slower here)
+
+    # optimization
+    optim: str = "auto"  # adamw|paged_adamw|paged_adamw_8bit; auto: paged_adamw on CUDA, adamw on CPU
+    lr: float = 2e-4  # peak learning rate: QLoRA's value for 7B-13B models
+    weight_decay: float = 0.0  # LoRA's low rank already regularises; QLoRA uses 0
+    schedule: str = "constant"  # constant|linear|cosine: QLoRA found constant as good as cosine
+    warmup_steps: int = 10  # linear warmup: Adam's early moment estimates are noisy
+    max_grad_norm: float = 0.3  # clip the LoRA gradients' global norm (QLoRA's value; stabilises 4-bit training)
+    batch_size: int = 4  # micro-batch size (samples, or packed rows, per forward)
+    grad_accum: int = 4  # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    epochs: float = 1.0  # passes over the training data (fractions allowed)
+    max_steps: int = -1  # optimizer steps; overrides epochs when > 0
+    grad_ckpt: bool = True  # recompute each decoder layer in backward: activations dominate QLoRA memory
+    seed: int = 42
+
+    # bookkeeping
+    eval_every: int = 50  # optimizer steps between eval-loss measurements (0: only at the end)
+    save_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 3  # checkpoints kept on disk (0: all)
+    resume: bool = False  # continue from the newest complete checkpoint in --out
+    overwrite: bool = False  # replace an existing --out directory
+    device: str = "auto"  # cpu|cuda; auto: cuda when available
+    debug: bool = False  # full tracebacks instead of one-line errors
+
+    # Resolved at start-up and saved in train_config.json, not meant to be passed.
+    resolved: dict = field(default_factory=dict)
+
+
+CHOICES = {
+    "format": ["auto", "chat", "alpaca", "prompt-response", "text"],
+    "quant": ["nf4", "fp4", "none"],
+    "dtype": ["auto", *DTYPES],
+    "optim": ["auto", "adamw", "paged_adamw", "paged_adamw_8bit"],
+    "schedule": ["constant", "linear", "cosine"],
+    "device": ["auto", "cpu", "cuda"],
+}
+
+
+def parse_config(argv):
+    """Flags > --config file > dataclass defaults. Unknown flags and unknown file keys are errors."""
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0], argument_default=None)
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "resolved"]
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, type=f.type, choices=CHOICES.get(f.name))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+    known = {f.name for f in fields}
+    values = {}
+    if given.get("resume") and given.get("out") and (Path(given["out"]) / "train_config.json").is_file():
+        # Resuming continues the run as it was configured; flags given now still win.
+        values = read_config_file(Path(given["out"]) / "train_config.json", known | {"resolved"})
+        values = {k: v for k, v in values.items() if k not in ("resolved", "resume", "overwrite", "config")}
+    elif not given.get("model") and not given.get("config"):
+        # The embedded default is a 3M-parameter model: it wants a higher learning rate and
+        # fewer steps than the real-model defaults above. Its settings are in this file.
+        print(f"note: no --model: fine-tuning the embedded default with the settings in {EMBEDDED_CONFIG}",
+              file=sys.stderr)
+        values = read_config_file(EMBEDDED_CONFIG, known)
+    if given.get("config"):
+        values.update(read_config_file(given["config"], known))
+    values.update(given)
+    cfg = TrainConfig(**values)
+    if not cfg.model:
+        cfg.model, cfg.data = str(REPO / "default" / "model"), cfg.data or str(REPO / "default" / "data" / "chat.jsonl")
+    if not cfg.data:
+        raise BadInput("--data is required with --model (a json/jsonl/csv/parquet/txt file or a dataset name)")
+    validate(cfg)
+    return cfg
+
+
+def read_config_file(path, known):
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--config {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError or yaml.YAMLError: both mean a malformed file
+        raise BadInput(f"--config {path}: cannot parse ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise BadInput(f"--config {path}: expected a mapping of option names to values")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise BadInput(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+    return values
+
+
+def validate(cfg):
+    positive = ["lora_r", "batch_size", "grad_accum", "max_len"]
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.lr <= 0 or cfg.epochs <= 0:
+        raise BadInput("--lr and --epochs must be > 0")
+    if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.eval_split < 1:
+        raise BadInput("--lora-dropout and --eval-split must be in [0, 1)")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if cfg.resume and cfg.overwrite:
+        raise BadInput("--resume and --overwrite contradict each other: pick one")
+
+
+# ----------------------------------------------------------------------------------------
+# Model: 4-bit base, LoRA on the targets, new chat tokens if the data needs them.
+# ----------------------------------------------------------------------------------------
+def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
+    model = quant.load_model(
+        cfg.model,
+        quant=None if cfg.quant == "none" else cfg.quant,
+        double_quant=cfg.double_quant,
+        compute_dtype=DTYPES[cfg.dtype],
+        device=device,
+    )
+    model.config.use_cache = False  # no KV cache while training: it only costs memory
+    if resume_from:  # the checkpoint's adapter config says where LoRA goes; its weights replace the fresh init
+        wrapped = lora.load_adapter(model, resume_from)
+    else:
+        wrapped = lora.inject(model, parse_targets(cfg.targets), r=cfg.lora_r, alpha=cfg.lora_alpha,
+                              dropout=cfg.lora_dropout, rslora=cfg.rslora)
+    modules_to_save = train_embedding_rows(model, tokenizer, added_tokens, cfg.train_embeddings)
+    if cfg.grad_ckpt:
+        grad_ckpt.enable(model.get_decoder().layers)
+    return model, wrapped, modules_to_save
+
+
+def parse_targets(spec):
+    """`all-linear`, a regex (any regex metacharacter other than '.'), or a comma list of name suffixes."""
+    if spec == "all-linear" or any(c in spec for c in "*+?[](){}|^$\\"):
+        return spec
+    return [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def train_embedding_rows(model, tokenizer, added_tokens, train_all):
+    """Resize for added tokens (new rows = mean of the old ones) and make embeddings trainable if needed.
+
+    A new row initialised to the mean embedding starts as an "average token" instead of
+    noise, so the first steps do not spike the loss (Hewitt, "Initializing New Word
+    Embeddings for Pretrained Language Models", 2021). Only the new rows learn, unless
+    --train-embeddings: a gradient hook zeroes the others, and weight decay is off for them.
+    Returns the module names to save whole with the adapter (PEFT's modules_to_save).
+    """
+    if not added_tokens and not train_all:
+        return []
+    old_vocab = len(tokenizer) - len(added_tokens)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    names = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        # fp32 master weights: Adam updates of ~1e-4 vanish when added to bf16 values.
+        module.weight.data = module.weight.data.float()
+        module.weight.requires_grad_(True)
+        if not train_all:
+            frozen = torch.zeros(module.weight.shape[0], 1, dtype=torch.bool, device=module.weight.device)
+            frozen[: min(old_vocab, module.weight.shape[0])] = True
+            module.weight.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0))
+        names.append(next(n for n, m in model.named_modules() if m is module).split(".")[-1])
+    return names
+
+
+# ----------------------------------------------------------------------------------------
+# One optimizer step: micro-batches, loss normalised by the window's target tokens.
+# ----------------------------------------------------------------------------------------
+def forward_loss(model, batch, autocast):
+    """Summed token loss of one micro-batch and its number of target tokens."""
+    with autocast:
+        hidden = model.get_decoder()(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
+        return causal_lm_loss(hidden, model.get_output_embeddings(), batch["labels"])
+
+
+def optimizer_step_grads(model, micro_batches, autocast, loss_scale):
+    """Accumulate gradients over `micro_batches`; returns the mean loss per target token.
+
+    Each micro-batch's summed loss is divided by the number of target tokens in the whole
+    window, not by its own count or by the number of micro-batches: then N micro-batches
+    of uneven lengths give exactly the gradient of one big batch whose loss is the mean
+    over all its target tokens.
+    """
+    window_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    total_loss = 0.0
+    for batch in micro_batches:
+        loss_sum, _ = forward_loss(model, batch, autocast)
+        (loss_sum * (loss_scale / window_targets)).backward()
+        total_loss += loss_sum.item()
+    return total_loss / window_targets
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast):
+    """Mean loss per target token over the eval set."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for batch in batches:
+        loss_sum, count = forward_loss(model, batch, autocast)
+        total, n = total + loss_sum.item(), n + count
+    model.train(was_training)
+    return total / max(n, 1)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------
+def prepare_out_dir(cfg):
+    out = Path(cfg.out or REPO / "runs" / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()):
+        if cfg.resume:
+            return out
+        if not cfg.overwrite:
+            raise BadInput(f"--out {out} exists and is not empty: pass --resume to continue it, "
+                           "--overwrite to replace it, or choose another --out")
+        shutil.rmtree(out)
+    elif cfg.resume:
+        raise BadInput(f"--resume: {out} has nothing to resume from")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def train(cfg):
+    """Run the whole fine-tuning described by `cfg`; returns the summary dict."""
+    # "auto" settings become concrete here, so train_config.json records what actually ran.
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(cfg.device)
+    if cfg.optim == "auto":
+        cfg.optim = "paged_adamw" if device.type == "cuda" else "adamw"
+    if cfg.dtype == "auto":
+        cfg.dtype = "bf16" if device.type == "cuda" else "fp32"
+    if cfg.optim.startswith("paged") and device.type != "cuda":
+        raise BadInput(f"--optim {cfg.optim} needs a CUDA GPU (paged memory); use --optim adamw on the CPU")
+    if cfg.dtype == "fp16" and device.type != "cuda":
+        raise BadInput("--dtype fp16 is for CUDA GPUs; use bf16 or fp32 on the CPU")
+    if not Path(cfg.model).is_dir():
+        raise BadInput(f"--model {cfg.model}: no such directory (expected a Hugging Face model directory)")
+    torch.manual_seed(cfg.seed)
+    out = prepare_out_dir(cfg)
+    ckpt_root = out / "checkpoints"
+
+    # --- data ---------------------------------------------------------------------------
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token is None:  # Llama/Mistral ship none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    train_samples, eval_rows, data_stats = data.prepare(
+        cfg.data, tokenizer, fmt=cfg.format, max_len=cfg.max_len, train_on_prompt=cfg.train_on_prompt,
+        eval_split=cfg.eval_split, eval_data=cfg.eval_data or None, seed=cfg.seed, force_chatml=cfg.add_chatml_tokens)
+    for notice in data_stats["notices"]:
+        print(f"note: {notice}", file=sys.stderr)
+    t = data_stats["train"]
+    print(f"data {cfg.data} ({data_stats['format']}): {t['samples']:,} train samples, {len(eval_rows):,} eval, "
+          f"{t['tokens']:,} tokens ({t['target_tokens']:,} with loss); {t['truncated']} truncated to "
+          f"--max-len {cfg.max_len}, {t['dropped']} dropped for having no target left")
+    added_tokens = data_stats["new_token_ids"]
+    rows = data.pack(train_samples, cfg.max_len) if cfg.packing else train_samples
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_batches(epoch):
+        order = data.batches(rows, cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=not cfg.packing)
+        return [[rows[i] for i in idx] for idx in order]
+
+    collate = data.collate_packed if cfg.packing else data.collate
+    batches_per_epoch = len(epoch_batches(0))
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # --- model --------------------------------------------------------------------------
+    resume_from = None
+    if cfg.resume:
+        checkpoint.remove_incomplete(ckpt_root)
+        found = checkpoint.complete(ckpt_root)
+        if not found:
+            raise BadInput(f"--resume: no complete checkpoint in {ckpt_root}")
+        resume_from = found[-1]
+    t0 = time.time()
+    model, wrapped, modules_to_save = build_model(cfg, tokenizer, added_tokens, device, resume_from)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    n_total = sum(p.numel() for p in model.parameters())
+    print(f"model {cfg.model} ({cfg.quant}, {cfg.dtype}) loaded in {time.time() - t0:.1f}s on {device}; "
+          f"LoRA r={cfg.lora_r} on {len(wrapped)} modules: {n_trainable:,} trainable parameters "
+          f"({100 * n_trainable / n_total:.2f}% of {n_total:,} stored)")
+
+    # --- optimizer ----------------------------------------------------------------------
+    # No weight decay on embedding rows: decay would shrink the frozen rows' neighbours' scale.
+    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    groups = [{"params": lora_params}] + ([{"params": other, "weight_decay": 0.0}] if other else [])
+    optimizer = make_optimizer(cfg.optim, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = LossScaler(enabled=cfg.dtype == "fp16")
+    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else nullcontext()
+
+    def save_adapter(path, overwrite=False):
+        lora.save_adapter(model, path, base_model=str(cfg.model), modules_to_save=modules_to_save or None,
+                          overwrite=overwrite)
+
+    # --- resume -------------------------------------------------------------------------
+    step, tokens_seen, metrics_mode = 0, 0, "w"
+    if resume_from:
+        state = checkpoint.load_states(resume_from, optimizer)
+        step, tokens_seen = state["step"], state["tokens"]
+        scaler.load_state_dict(state["loss_scaler"])
+        truncate_metrics(out / "metrics.jsonl", step)
+        metrics_mode = "a"
+        print(f"resumed from {resume_from} (step {step} of {total_steps})")
+
+    cfg.resolved = dict(total_steps=total_steps,
+                        steps_per_epoch=steps_per_epoch, lora_modules=wrapped, modules_to_save=modules_to_save,
+                        data=data_stats)
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    if added_tokens:
+        tokenizer.save_pretrained(out)  # merge.py and generate.py need the added tokens
+
+    eval_batches = [to_device(collate(eval_rows[i : i + cfg.batch_size], tokenizer.pad_token_id), device)
+                    for i in range(0, len(eval_rows), cfg.batch_size)]
+
+    # --- loop ---------------------------------------------------------------------------
+    model.train()
+    metrics = open(out / "metrics.jsonl", metrics_mode)
+    first_eval = evaluate(model, eval_batches, autocast) if eval_batches and step == 0 else None
+    if first_eval is not None:
+        log(metrics, dict(step=0, eval_loss=first_eval, eval_ppl=math.exp(first_eval)))
+    last_eval, last_ckpt = first_eval, None
+    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    run_start, run_tokens = time.time(), 0
+    loss = float("nan")
+    while step < total_steps:
+        # The data position is a pure function of the step: epoch and batch offset.
+        epoch, offset = divmod(step * cfg.grad_accum, steps_per_epoch * cfg.grad_accum)
+        micro = epoch_batches(epoch)[offset : offset + cfg.grad_accum]
+        tokens = sum(len(sample["input_ids"]) for b in micro for sample in b)  # real tokens, no padding
+        micro = [to_device(collate(b, tokenizer.pad_token_id), device) for b in micro]
+
+        loss = optimizer_step_grads(model, micro, autocast, scaler.scale)
+        if not math.isfinite(loss) and not scaler.enabled:
+            raise BadInput(stop_message(step + 1, "loss", last_ckpt))
+        if scaler.enabled:
+            for p in trainable:
+                if p.grad is not None:
+                    p.grad.div_(scaler.scale)
+        # Clip to max_grad_norm (inf: only measure). The norm is also the non-finite check.
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        finite = bool(torch.isfinite(grad_norm))
+        if not finite and not scaler.enabled:
+            raise BadInput(stop_message(step + 1, "gradients", last_ckpt))
+        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if scaler.update(finite):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += tokens
+        run_tokens += tokens
+
+        elapsed = time.time() - run_start
+        record = dict(step=step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
+                      tok_s=run_tokens / elapsed, mem_gib=memory_gib(device))
+        if scaler.enabled:
+            record.update(loss_scale=scaler.scale, skipped_steps=scaler.skipped)
+        if eval_batches and (cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps):
+            last_eval = evaluate(model, eval_batches, autocast)
+            record.update(eval_loss=last_eval, eval_ppl=math.exp(last_eval))
+        log(metrics, record)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tok_s']:.0f}",
+                        **({"mem": f"{record['mem_gib']:.1f}G"} if device.type == "cuda" else {}),
+                        **({"eval": f"{last_eval:.3f}"} if last_eval is not None else {}))
+        bar.update(1)
+
+        if cfg.save_every and step % cfg.save_every == 0 or step == total_steps:
+            state = dict(step=step, tokens=tokens_seen, loss_scaler=scaler.state_dict(), epoch=epoch,
+                         batch_offset=offset + cfg.grad_accum)
+            last_ckpt = checkpoint.save(ckpt_root, step, save_adapter, optimizer, state,
+                                        keep_last=cfg.keep_last or None)
+    bar.close()
+    metrics.close()
+
+    # --- final adapter ------------------------------------------------------------------
+    final_adapter_dir = out / ".adapter-tmp"
+    save_adapter(final_adapter_dir, overwrite=True)
+    for f in final_adapter_dir.iterdir():
+        os.replace(f, out / f.name)
+    final_adapter_dir.rmdir()
+
+    elapsed = time.time() - run_start
+    summary = dict(steps=step, tokens=tokens_seen, seconds=elapsed, tok_s=run_tokens / max(elapsed, 1e-9),
+                   peak_mem_gib=memory_gib(device), train_loss=loss, eval_loss=last_eval,
+                   first_eval_loss=first_eval, out=str(out))
+    print_summary(summary, out, cfg)
+    return summary
+
+
+def truncate_metrics(path, step):
+    """Drop log lines past the checkpoint we resume from: they are about to be redone."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def log(metrics, record):
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+
+
+def stop_message(step, what, last_ckpt):
+    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    return (f"non-finite {what} at step {step}: training stopped; {where}. Lower --lr, check the data, "
+            "or use --dtype bf16/fp32")
+
+
+def print_summary(s, out, cfg):
+    evals = ""
+    if s["eval_loss"] is not None and s["first_eval_loss"] is not None:
+        evals = f"; eval loss {s['first_eval_loss']:.3f} -> {s['eval_loss']:.3f}"
+    peak = f", peak memory {s['peak_mem_gib']:.2f} GiB" if s["peak_mem_gib"] else ""
+    print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f}s ({s['tok_s']:.0f} tokens/s{peak}); "
+          f"train loss {s['train_loss']:.3f}{evals}")
+    print(f"adapter: {out}")
+    print("next:")
+    print(f"  python merge.py --adapter {out} --out {out}-merged")
+    print(f"  python generate.py --model {out}-merged \"What is the capital of France?\"")
+
+
+def main(argv):
+    cfg = parse_config(argv)
+    try:
+        return train(cfg)
+    except torch.cuda.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        raise BadInput(f"CUDA out of memory (peak {peak:.1f} GiB allocated): lower --batch-size "
+                       f"(now {cfg.batch_size}) or --max-len (now {cfg.max_len}), or keep --grad-ckpt on") from None
+
+
+if __name__ == "__main__":
+    cli.run(main)
