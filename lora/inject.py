@@ -89,7 +89,10 @@ def inject(model, targets, r, alpha, dropout=0.0, rslora=False):
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, rslora))
+        base = getattr(parent, child)
+        # A new module starts in training mode; take the base's mode instead, so injecting
+        # into a model in eval() does not silently switch LoRA dropout on.
+        setattr(parent, child, LoRALinear(base, r, alpha, dropout, rslora).train(base.training))
     # Only adapters train: the base (4-bit or not), norms and embeddings stay as loaded.
     for p in model.parameters():
         p.requires_grad_(False)
