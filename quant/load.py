@@ -188,6 +188,11 @@ def read_config(path, trust_remote_code):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
+        if "auto_map" in (path / "config.json").read_text() and not trust_remote_code:
+            raise BadInput(
+                f"{path}: model_type {model_type!r} needs the model's own code (auto_map in config.json), "
+                "which runs only with --trust-remote-code: pass it if you trust where the model came from"
+            ) from e
         raise BadInput(
             f"{path}: model_type {model_type!r} is not an architecture transformers knows: "
             "upgrade transformers or pick a supported model"
