@@ -17,6 +17,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from lora.function import LoRALinearFunction
 from rawqlora.errors import BadInput
 
 
@@ -46,20 +47,24 @@ class LoRALinear(nn.Module):
         self.merged = False  # True while B·A·scaling is added into base_layer.weight
 
     def forward(self, x):
-        result = self.base_layer(x)
         if self.merged:  # the update is already inside W
-            return result
-        # The adapter runs in its own dtype (fp32) and its output is cast back to the base's
-        # dtype, as PEFT does. Casting x also means lora_A saves an fp32 copy of x for backward:
-        # with a bf16 model that is the one activation fp32 adapters cost extra.
+            return self.base_layer(x)
+        # The whole layer is one autograd function (lora/function.py has the formulas and
+        # the reasons): the LoRA term is added inside the output GEMM, and backward keeps
+        # only the (dropped-out) input, never an fp32 copy of it nor a dequantized W.
         #
-        # 4-bit base: bnb's MatMul4Bit saves only a reference to the packed 4-bit weight for
-        # backward, not x (the frozen weight needs no gradient), and dequantizes W again there
-        # to get dL/dx. PEFT's bnb.py clones the 4-bit output "defensively" because it used to
-        # add the LoRA output in place (`result += ...`), and autograd refuses in-place edits
-        # of a view returned by a custom Function. We add out of place: nothing to clone.
-        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-        return result + (lora * self.scaling).to(result.dtype)
+        # Compute dtype: autocast's when it is on (bf16 training), else the base's (its
+        # weight's, or a 4-bit layer's compute_dtype), like bnb's own Linear4bit. The fp32
+        # A and B are cast to it for the products, as autocast would cast them.
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        elif isinstance(self.base_layer, bnb.nn.Linear4bit):
+            dtype = self.base_layer.compute_dtype or x.dtype
+        else:
+            dtype = self.base_layer.weight.dtype
+        dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
+                                        dropout, dtype)
 
     def delta_weight(self):
         """scaling · B @ A, shape [out, in], fp32: what merging adds to the base weight."""

@@ -1,0 +1,282 @@
+"""Speed and memory of rawqlora against the seeds' stack, on one CUDA GPU, in one run.
+
+    python bench/bench.py                          # Mistral-7B-shaped model, rows 512x16, 2048x4, 2048x8
+    python bench/bench.py --layers 2 --rows 512x2  # a quick smoke run
+
+The seeds' stack: transformers + bitsandbytes + PEFT + HF Trainer, paged_adamw_32bit,
+gradient checkpointing, bf16, the model loaded with BitsAndBytesConfig(nf4, double quant,
+bf16 compute) and prepare_model_for_kbit_training. rawqlora: quant.load_model + lora.inject
++ train.py's step. Both: a randomly initialised `MistralConfig()` model (built once, saved
+to /dev/shm), LoRA r=16, alpha=16 on q,k,v,o,gate,up,down, random tokens with no padding,
+the median step time after warm-up. Each (system, row) runs in its own process so that
+peak-memory readings do not mix.
+
+Writes bench/results.json and prints a table; bench/RESULTS.md is written from it by hand
+with the context (device, versions, command, date) that results.json records.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_DIR = Path("/dev/shm/rawqlora-bench-model")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(layers):
+    """A random Mistral-7B-shaped model saved in bf16 (built on the GPU: seconds instead of minutes)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    path = MODEL_DIR.with_name(f"{MODEL_DIR.name}-{layers}")
+    if (path / "config.json").exists():
+        return path
+    config = MistralConfig(num_hidden_layers=layers) if layers else MistralConfig()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def batches(seq, batch, n, vocab):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        yield ids
+
+
+# ------------------------------------------------------------------------------------------
+# Workers: one (system, seq, batch) per process.
+# ------------------------------------------------------------------------------------------
+def load_seed_stack(path, dropout):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
+                                            task_type="CAUSAL_LM"))
+
+
+def load_rawqlora(path, dropout):
+    import lora
+    import quant
+    from rawqlora import grad_ckpt
+
+    model = quant.load_model(path, quant="nf4", double_quant=True, compute_dtype=torch.bfloat16, device="cuda")
+    lora.inject(model, TARGETS, r=16, alpha=16, dropout=dropout)
+    grad_ckpt.enable(model.get_decoder().layers)
+    model.train()
+    return model
+
+
+def seed_stack_steps(model, seq, batch, n):
+    """The HF Trainer's loop, timed per step with a callback (synchronised)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    vocab = model.config.vocab_size
+    rows = [{"input_ids": r, "labels": r.clone()} for ids in batches(seq, batch, n, vocab) for r in ids]
+    times = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=n,
+                             optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs={"use_reentrant": False}, learning_rate=2e-4,
+                             max_grad_norm=0.3, lr_scheduler_type="constant", logging_steps=10**6,
+                             save_strategy="no", report_to=[], dataloader_num_workers=0,
+                             remove_unused_columns=False)
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[Timer()]).train()
+    return times
+
+
+def rawqlora_steps(model, seq, batch, n):
+    import train
+    from rawqlora.optim import make_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer("paged_adamw", params, lr=2e-4, weight_decay=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    times = []
+    for ids in batches(seq, batch, n, model.config.vocab_size):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        ids = ids.cuda()
+        b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+        train.optimizer_step_grads(model, [b], autocast, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def worker(args):
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    load = load_seed_stack if args.system == "seed-stack" else load_rawqlora
+    model = load(args.model_dir, args.dropout)
+    torch.cuda.synchronize()
+    load_s, load_gib = time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
+    result = dict(system=args.system, seq=args.seq, batch=args.batch, dropout=args.dropout,
+                  load_s=load_s, load_peak_gib=load_gib)
+    steps = seed_stack_steps if args.system == "seed-stack" else rawqlora_steps
+    if args.max_seq:
+        result["max_seq_24gib"] = longest_sequence(model, args.system, steps)
+    else:
+        torch.cuda.reset_peak_memory_stats()
+        times = steps(model, args.seq, args.batch, args.warmup + args.steps)[args.warmup :]
+        step_s = statistics.median(times)
+        result.update(step_s=step_s, tok_s=args.seq * args.batch / step_s,
+                      peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+        if args.profile:
+            profile(steps, model, args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def profile(steps, model, args):
+    """Where one step's GPU time goes: the top operators by CUDA time, into --profile's file."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        steps(model, args.seq, args.batch, 1)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
+    Path(args.profile).write_text(table)
+
+
+def longest_sequence(model, system, steps):
+    """Longest batch-1 sequence (doubling, then bisecting to 1k) whose training step fits in 24 GiB."""
+    limit = 24 * 2**30
+    torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
+
+    def fits(seq):
+        try:
+            torch.cuda.empty_cache()
+            steps(model, seq, 1, 1)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+
+    lo, hi = 0, 2048
+    while fits(hi) and hi < 2**20:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+# ------------------------------------------------------------------------------------------
+# Driver.
+# ------------------------------------------------------------------------------------------
+def run_worker(system, seq, batch, model_dir, ns, max_seq=False):
+    cmd = [sys.executable, __file__, "--worker", "--system", system, "--seq", str(seq), "--batch", str(batch),
+           "--model-dir", str(model_dir), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
+           "--dropout", str(ns.dropout)] + (["--max-seq"] if max_seq else []) \
+        + (["--profile", f"{ns.profile}.{system}.{seq}x{batch}.txt"] if ns.profile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    print(f"worker {system} {seq}x{batch} failed:\n{tail}", file=sys.stderr)
+    return dict(system=system, seq=seq, batch=batch, error=tail[-500:])
+
+
+def versions():
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for pkg in ["transformers", "bitsandbytes", "peft", "accelerate"]:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", default="512x16,2048x4,2048x8,2048x1:rawqlora",
+                   help="seq x batch[:system], comma separated")
+    p.add_argument("--systems", default="seed-stack,rawqlora")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0: MistralConfig's 32)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--max-seq", action="store_true", help="also find the longest batch-1 sequence within 24 GiB")
+    p.add_argument("--profile", default="", help="write a torch.profiler table of one rawqlora step to this file")
+    p.add_argument("--out", default=str(REPO / "bench" / "results.json"))
+    # worker-only
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--system")
+    p.add_argument("--seq", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--model-dir")
+    ns = p.parse_args()
+    if ns.worker:
+        return worker(ns)
+
+    t = time.perf_counter()
+    model_dir = build_model(ns.layers)
+    print(f"model at {model_dir} ({time.perf_counter() - t:.0f}s)", flush=True)
+    rows = []
+    for row in ns.rows.split(","):
+        row, _, only = row.partition(":")  # "2048x1:rawqlora" runs one system only
+        seq, batch = map(int, row.split("x"))
+        for system in [only] if only else ns.systems.split(","):
+            r = run_worker(system, seq, batch, model_dir, ns)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    if ns.max_seq:
+        for system in ns.systems.split(","):
+            r = run_worker(system, 0, 1, model_dir, ns, max_seq=True)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    result = dict(device=torch.cuda.get_device_name(0), versions=versions(),
+                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  command="python bench/bench.py " + " ".join(sys.argv[1:]), layers=ns.layers or 32, rows=rows)
+    Path(ns.out).write_text(json.dumps(result, indent=2))
+    print_table(rows)
+
+
+def print_table(rows):
+    base = {(r["seq"], r["batch"]): r for r in rows if r["system"] == "seed-stack" and "tok_s" in r}
+    print(f"{'system':<11} {'seq x batch':>11} {'tok/s':>8} {'peak GiB':>9} {'speed':>6} {'memory':>7} {'load s':>7}")
+    for r in rows:
+        if "tok_s" not in r:
+            extra = f"max seq in 24 GiB: {r.get('max_seq_24gib')}" if "max_seq_24gib" in r else r.get("error", "")[:60]
+            print(f"{r['system']:<11} {extra}")
+            continue
+        b = base.get((r["seq"], r["batch"]))
+        speed = f"{r['tok_s'] / b['tok_s']:.2f}x" if b else ""
+        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b else ""
+        print(f"{r['system']:<11} {r['seq']:>5} x {r['batch']:<3} {r['tok_s']:>8.0f} {r['peak_gib']:>9.2f} "
+              f"{speed:>6} {mem:>7} {r['load_s']:>7.1f}")
+
+
+if __name__ == "__main__":
+    main()
