@@ -59,6 +59,8 @@ def parse_args(argv):
     p.add_argument("--quant", choices=["nf4", "fp4", "none"], help="default: nf4 on cuda, none on cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype; default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the model (custom architectures): only for models you trust")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     args = p.parse_args(argv)
 
@@ -122,7 +124,7 @@ def load_tokenizer(args):
     )
     path = args.adapter if adapter_has_one else args.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
     if tokenizer.chat_template is None and not args.raw:
@@ -139,6 +141,7 @@ def load(args):
         quant=None if args.quant == "none" else args.quant,
         compute_dtype=DTYPES[args.dtype],
         device=args.device,
+        trust_remote_code=args.trust_remote_code,
     )
     if args.adapter is not None:
         lora.load_adapter(model, args.adapter)

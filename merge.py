@@ -95,6 +95,8 @@ def parse_args(argv):
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 2GB, 500MB (default 5GB)")
     p.add_argument("--no-gap", action="store_true", help="skip measuring the merge gap (loads the model twice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and OUT-nf4)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run Python code shipped with the base model (custom architectures): only for models you trust")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
     args = p.parse_args(argv)
     args.max_shard_bytes = parse_size(args.max_shard_size)
@@ -141,6 +143,7 @@ class Plan:
     quantized: set  # module names load_model made 4-bit for training
     vocab: int  # rows of the merged embedding
     tokenizer_dir: Path
+    trust_remote_code: bool = False  # --trust-remote-code: off unless the user asks
 
 
 def read_train_config(adapter):
@@ -187,7 +190,7 @@ def plan_merge(args):
     adapter_config, tensors = read_adapter_files(adapter)
     trained = read_train_config(adapter)
     base = resolve_base(args.model, adapter_config, adapter)
-    config = read_config(base, trust_remote_code=False)
+    config = read_config(base, trust_remote_code=args.trust_remote_code)
     if getattr(config, "quantization_config", None) is not None:
         raise BadInput(f"{base} is a pre-quantized checkpoint; merge needs the 16-bit base: pass --model")
     files = checkpoint_files(base)
@@ -198,7 +201,7 @@ def plan_merge(args):
     # The model's module tree on the meta device (no memory): the names LoRA targets resolve to,
     # and which Linears quant.load_model turns 4-bit, decided by its own code.
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
         unfuse_experts(skeleton)
         try:
             targets = resolve_targets(skeleton, adapter_config["target_modules"])
@@ -244,7 +247,7 @@ def plan_merge(args):
     # Tokenizer: the adapter's when training added tokens (train.py saves it then), else the base's.
     tokenizer_dir = adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base
     if tokenizer_dir == adapter:
-        n = len(load_tokenizer(adapter))
+        n = len(load_tokenizer(adapter, args.trust_remote_code))
         if n > vocab:
             raise BadInput(f"vocabulary size mismatch: the adapter's tokenizer has {n} tokens but the merged model "
                            f"only {vocab} embedding rows; the adapter lacks the trained rows of its added tokens "
@@ -252,7 +255,8 @@ def plan_merge(args):
 
     lora_pairs = {n: (pairs[n]["A"], pairs[n]["B"]) for n in targets}
     return Plan(adapter, base, config, files, trained, lora_pairs, r, adapter_config["lora_alpha"],
-                bool(adapter_config.get("use_rslora")), replace, drop, quantized, vocab, tokenizer_dir)
+                bool(adapter_config.get("use_rslora")), replace, drop, quantized, vocab, tokenizer_dir,
+                args.trust_remote_code)
 
 
 def whole_modules(whole, shapes, mt, embed, head, tied, unfit):
@@ -288,9 +292,9 @@ def whole_modules(whole, shapes, mt, embed, head, tied, unfit):
     return replace, vocab
 
 
-def load_tokenizer(path):
+def load_tokenizer(path, trust_remote_code=False):
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
 
@@ -446,12 +450,13 @@ def merge_gap(plan, merged_dir, prompts):
     """(max |Δlogit|, mean KL(adapter ‖ merged) per token, max |logit|) between the adapter on its 4-bit
     base, as trained, and the merged model, both computing in fp32. One model in memory at a time."""
     reference = quant.load_model(plan.base, quant=plan.trained.quant, double_quant=plan.trained.double_quant,
-                                 compute_dtype=torch.float32)
+                                 compute_dtype=torch.float32, trust_remote_code=plan.trust_remote_code)
     lora.load_adapter(reference, plan.adapter)
     reference.eval()  # the LoRA layers load_adapter adds start in training mode: their dropout would be on
     expected = all_logits(reference, prompts)
     del reference
-    merged = quant.load_model(merged_dir, quant=None, compute_dtype=torch.float32)
+    merged = quant.load_model(merged_dir, quant=None, compute_dtype=torch.float32,
+                              trust_remote_code=plan.trust_remote_code)
     got = all_logits(merged, prompts)
     del merged
     p, q = torch.cat(expected), torch.cat(got)
@@ -486,12 +491,12 @@ def main(argv=None):
               f"({plan.trained.quant or 'unquantized'} as trained), {args.dtype}, {shards} weight file(s)")
         if args.quantize:
             model = quant.load_model(stage / "model", quant=args.quantize, double_quant=plan.trained.double_quant,
-                                     compute_dtype=DTYPES[args.dtype])
+                                     compute_dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code)
             quant.save_quantized(model, stage / "nf4", tokenizer_source=stage / "model",
                                  max_shard_bytes=args.max_shard_bytes)
             del model
         if not args.no_gap:
-            prompts, source = gap_prompts(load_tokenizer(stage / "model"), plan.trained)
+            prompts, source = gap_prompts(load_tokenizer(stage / "model", args.trust_remote_code), plan.trained)
             max_diff, kl, scale = merge_gap(plan, stage / "model", prompts)
             print(f"merge gap on {source} ({sum(map(len, prompts))} tokens), adapter on the "
                   f"{plan.trained.quant or 'unquantized'} base vs merged: max |Δlogit| {max_diff:.3g} "
