@@ -82,6 +82,8 @@ def parse_args(argv):
         raise BadInput("--chat reads its turns from stdin; drop the prompts and --prompt-file")
     if not os.path.isdir(args.model):
         raise BadInput(f"--model {args.model}: no such directory; pass a Hugging Face model directory")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):  # before the tokenizer's less clear error
+        raise BadInput(f"--model {args.model} has no config.json: it is not a Hugging Face model directory")
     if args.adapter is not None and not os.path.isdir(args.adapter):
         raise BadInput(f"--adapter {args.adapter}: no such directory; pass the adapter train.py saved")
 
