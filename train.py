@@ -3,15 +3,17 @@
     python train.py                                   # the embedded default: a tiny model, a few minutes on a CPU
     python train.py --model ~/models/Mistral-7B-v0.1 --data chats.jsonl --out runs/mistral-chat
 
-Reads top to bottom: config, data, model, optimizer, loop, checkpoints. The pieces that
-are worth reading on their own live in small modules: lora/ (the adapters), quant/ (4-bit
-loading), rawqlora/data.py (formats and masking), rawqlora/optim.py (AdamW, schedules),
-rawqlora/loss.py (chunked cross-entropy), rawqlora/checkpoint.py (atomic checkpoints).
+Reads top to bottom: config, input checks (all of them before --out is touched), data, model,
+optimizer, loop, checkpoints. The pieces that are worth reading on their own live in small
+modules: lora/ (the adapters), quant/ (4-bit loading), rawqlora/data.py (formats and masking),
+rawqlora/optim.py (AdamW, schedules), rawqlora/loss.py (chunked cross-entropy),
+rawqlora/checkpoint.py (atomic checkpoints).
 """
 
 import argparse
 import dataclasses
 import functools
+import gc
 import json
 import math
 import os
@@ -24,10 +26,13 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lora
 import quant
+from lora.inject import resolve_targets
+from quant.experts import unfuse_experts
+from quant.load import checkpoint_files, checkpoint_keys, read_config
 from rawqlora import checkpoint, cli, data, grad_ckpt
 from rawqlora.errors import BadInput
 from rawqlora.loss import causal_lm_loss
@@ -83,6 +88,7 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the training data (fractions allowed)
     max_steps: int = -1  # optimizer steps; overrides epochs when > 0
     grad_ckpt: bool = True  # recompute each decoder layer in backward: activations dominate QLoRA memory
+    auto_batch: bool = False  # CUDA: lower --batch-size to the largest that fits, raising --grad-accum to keep the effective batch
     seed: int = 42
 
     # bookkeeping
@@ -92,6 +98,7 @@ class TrainConfig:
     resume: bool = False  # continue from the newest complete checkpoint in --out
     overwrite: bool = False  # replace an existing --out directory
     device: str = "auto"  # cpu|cuda; auto: cuda when available
+    trust_remote_code: bool = False  # run Python code shipped with the model/tokenizer: only for repositories you trust
     debug: bool = False  # full tracebacks instead of one-line errors
 
     # Resolved at start-up and saved in train_config.json, not meant to be passed.
@@ -172,8 +179,8 @@ def validate(cfg):
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0 or cfg.epochs <= 0:
-        raise BadInput("--lr and --epochs must be > 0")
+    if not (0 < cfg.lr < math.inf and 0 < cfg.epochs < math.inf):  # written so that NaN fails too
+        raise BadInput(f"--lr and --epochs must be > 0 and finite, got {cfg.lr} and {cfg.epochs}")
     if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.eval_split < 1:
         raise BadInput("--lora-dropout and --eval-split must be in [0, 1)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -192,6 +199,7 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
         double_quant=cfg.double_quant,
         compute_dtype=DTYPES[cfg.dtype],
         device=device,
+        trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False  # no KV cache while training: it only costs memory
     if resume_from:  # the checkpoint's adapter config says where LoRA goes; its weights replace the fresh init
@@ -295,23 +303,106 @@ def memory_gib(device):
 
 
 # ----------------------------------------------------------------------------------------
-# The run.
+# Checks that run before anything is written: a bad input must not cost the old --out.
 # ----------------------------------------------------------------------------------------
-def prepare_out_dir(cfg):
+def check_out_dir(cfg):
+    """The output directory, after refusing one we must not write into. Touches nothing."""
     out = Path(cfg.out or REPO / "runs" / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file, not a directory: choose another --out")
+    if cfg.resume:
+        if not checkpoint.complete(out / "checkpoints"):
+            raise BadInput(f"--resume: {out} has no complete checkpoint to resume from (checkpoints/step-N)")
+        return out
     if out.exists() and any(out.iterdir()):
-        if cfg.resume:
-            return out
         if not cfg.overwrite:
             raise BadInput(f"--out {out} exists and is not empty: pass --resume to continue it, "
                            "--overwrite to replace it, or choose another --out")
-        shutil.rmtree(out)
-    elif cfg.resume:
-        raise BadInput(f"--resume: {out} has nothing to resume from")
-    out.mkdir(parents=True, exist_ok=True)
+        for given in (cfg.model, cfg.data, cfg.eval_data):  # --overwrite deletes --out: never an input with it
+            if given and Path(given).exists() and Path(given).resolve().is_relative_to(out.resolve()):
+                raise BadInput(f"--overwrite would delete {given}, which is inside --out {out}: choose another --out")
     return out
 
 
+def check_model(cfg):
+    """The cheap checks of --model (config.json, architecture, safetensors headers, LoRA targets),
+    so that a bad model fails in seconds, before the data is tokenized and the weights loaded."""
+    path = Path(cfg.model)
+    config = read_config(path, cfg.trust_remote_code)
+    for file in checkpoint_files(path):
+        checkpoint_keys(file)  # parses the header, which must cover the file exactly: catches truncation
+    if not cfg.resume:  # resuming takes the targets from the checkpoint's adapter
+        with torch.device("meta"):  # the module tree only: no memory, no init
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+            unfuse_experts(skeleton)
+        resolve_targets(skeleton, parse_targets(cfg.targets))
+
+
+def load_tokenizer(cfg):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot load a tokenizer from --model {cfg.model} ({str(e).strip().splitlines()[0]}): it needs "
+                       "the model's tokenizer files (tokenizer.json or tokenizer.model) beside config.json") from None
+    if tokenizer.pad_token is None:  # Llama/Mistral ship none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------
+# --auto-batch: the largest micro-batch whose forward and backward fit in GPU memory.
+# ----------------------------------------------------------------------------------------
+def auto_batch_size(probe, batch_size, grad_accum):
+    """(micro-batch, grad_accum, largest that fits), probing sizes <= batch_size with `probe(n)`.
+
+    `probe(n)` runs one micro-batch of n and raises torch.cuda.OutOfMemoryError if it does not
+    fit. Sizes halve until one fits, then bisect up to the smallest that failed. The micro-batch
+    used is the largest divisor of the effective batch (batch_size * grad_accum) that fits, so
+    grad_accum rises to keep the effective batch exactly: the same samples per optimizer step.
+    """
+    def fits(n):
+        try:
+            probe(n)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            pass
+        # Outside the except block: the traceback (and the activations its frames hold) is gone.
+        if torch.cuda.is_available():
+            gc.collect()  # reference cycles can still hold tensors
+            torch.cuda.empty_cache()
+        return False
+
+    n, failed = batch_size, None
+    while not fits(n):
+        if n == 1:
+            raise BadInput("--auto-batch: even one sample of the longest length runs out of CUDA memory; "
+                           "lower --max-len, keep --grad-ckpt on, or use a GPU with more memory")
+        failed, n = n, n // 2
+    while failed is not None and failed - n > 1:
+        mid = (n + failed) // 2
+        n, failed = (mid, failed) if fits(mid) else (n, mid)
+    effective = batch_size * grad_accum
+    micro = max(d for d in range(1, n + 1) if effective % d == 0)
+    return micro, effective // micro, n
+
+
+def probe_batch(model, rows, collate, pad_id, device, autocast, n):
+    """Forward and backward of the n longest rows: the most memory a micro-batch of n needs
+    (optimizer states come on top, but for LoRA they are small)."""
+    longest = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)[:n]
+    # Dropout draws random numbers: fork the RNG so the run is the same with or without probing.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            optimizer_step_grads(model, [to_device(collate(longest, pad_id), device)], autocast, 1.0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            model.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------
+# The run.
+# ----------------------------------------------------------------------------------------
 def train(cfg):
     """Run the whole fine-tuning described by `cfg`; returns the summary dict."""
     # "auto" settings become concrete here, so train_config.json records what actually ran.
@@ -326,16 +417,18 @@ def train(cfg):
         raise BadInput(f"--optim {cfg.optim} needs a CUDA GPU (paged memory); use --optim adamw on the CPU")
     if cfg.dtype == "fp16" and device.type != "cuda":
         raise BadInput("--dtype fp16 is for CUDA GPUs; use bf16 or fp32 on the CPU")
-    if not Path(cfg.model).is_dir():
-        raise BadInput(f"--model {cfg.model}: no such directory (expected a Hugging Face model directory)")
-    torch.manual_seed(cfg.seed)
-    out = prepare_out_dir(cfg)
+    if cfg.auto_batch and device.type != "cuda":
+        raise BadInput("--auto-batch needs CUDA (it measures GPU memory); on the CPU set --batch-size yourself")
+    # Every input is checked before --out is created or (--overwrite) deleted: model, data,
+    # weights, targets. Only then is anything written.
+    out = check_out_dir(cfg)
     ckpt_root = out / "checkpoints"
+    resume_from = checkpoint.complete(ckpt_root)[-1] if cfg.resume else None  # the newest complete one
+    check_model(cfg)
+    torch.manual_seed(cfg.seed)
 
     # --- data ---------------------------------------------------------------------------
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    if tokenizer.pad_token is None:  # Llama/Mistral ship none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(cfg)
     train_samples, eval_rows, data_stats = data.prepare(
         cfg.data, tokenizer, fmt=cfg.format, max_len=cfg.max_len, train_on_prompt=cfg.train_on_prompt,
         eval_split=cfg.eval_split, eval_data=cfg.eval_data or None, seed=cfg.seed, force_chatml=cfg.add_chatml_tokens)
@@ -347,25 +440,9 @@ def train(cfg):
           f"--max-len {cfg.max_len}, {t['dropped']} dropped for having no target left")
     added_tokens = data_stats["new_token_ids"]
     rows = data.pack(train_samples, cfg.max_len) if cfg.packing else train_samples
-
-    @functools.lru_cache(maxsize=1)
-    def epoch_batches(epoch):
-        order = data.batches(rows, cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=not cfg.packing)
-        return [[rows[i] for i in idx] for idx in order]
-
     collate = data.collate_packed if cfg.packing else data.collate
-    batches_per_epoch = len(epoch_batches(0))
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     # --- model --------------------------------------------------------------------------
-    resume_from = None
-    if cfg.resume:
-        checkpoint.remove_incomplete(ckpt_root)
-        found = checkpoint.complete(ckpt_root)
-        if not found:
-            raise BadInput(f"--resume: no complete checkpoint in {ckpt_root}")
-        resume_from = found[-1]
     t0 = time.time()
     model, wrapped, modules_to_save = build_model(cfg, tokenizer, added_tokens, device, resume_from)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -374,6 +451,28 @@ def train(cfg):
     print(f"model {cfg.model} ({cfg.quant}, {cfg.dtype}) loaded in {time.time() - t0:.1f}s on {device}; "
           f"LoRA r={cfg.lora_r} on {len(wrapped)} modules: {n_trainable:,} trainable parameters "
           f"({100 * n_trainable / n_total:.2f}% of {n_total:,} stored)")
+    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else nullcontext()
+    model.train()
+    if cfg.auto_batch and not resume_from:  # a resumed run keeps the sizes its train_config.json recorded
+        probe = functools.partial(probe_batch, model, rows, collate, tokenizer.pad_token_id, device, autocast)
+        cfg.batch_size, cfg.grad_accum, largest = auto_batch_size(probe, cfg.batch_size, cfg.grad_accum)
+        print(f"--auto-batch: a micro-batch of {largest} of the longest samples fits; using --batch-size "
+              f"{cfg.batch_size} --grad-accum {cfg.grad_accum} (effective batch {cfg.batch_size * cfg.grad_accum})")
+
+    @functools.lru_cache(maxsize=1)
+    def epoch_batches(epoch):
+        order = data.batches(rows, cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=not cfg.packing)
+        return [[rows[i] for i in idx] for idx in order]
+
+    batches_per_epoch = len(epoch_batches(0))
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+    # --- output directory: every input has passed its checks ---------------------------
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.remove_incomplete(ckpt_root)  # a save that a crash cut short
 
     # --- optimizer ----------------------------------------------------------------------
     # No weight decay on embedding rows: decay would shrink the frozen rows' neighbours' scale.
@@ -382,11 +481,17 @@ def train(cfg):
     groups = [{"params": lora_params}] + ([{"params": other, "weight_decay": 0.0}] if other else [])
     optimizer = make_optimizer(cfg.optim, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
-    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else nullcontext()
 
     def save_adapter(path, overwrite=False):
         lora.save_adapter(model, path, base_model=str(cfg.model), modules_to_save=modules_to_save or None,
                           overwrite=overwrite)
+
+    def check_weights(step, last_ckpt):
+        """NaN/inf never reaches a checkpoint or the adapter: a step with finite gradients can still
+        overflow the weights (a huge --lr)."""
+        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise BadInput(stop_message(step, f"weights ({bad})", last_ckpt))
 
     # --- resume -------------------------------------------------------------------------
     step, tokens_seen, metrics_mode = 0, 0, "w"
@@ -401,7 +506,7 @@ def train(cfg):
     cfg.resolved = dict(total_steps=total_steps,
                         steps_per_epoch=steps_per_epoch, lora_modules=wrapped, modules_to_save=modules_to_save,
                         data=data_stats)
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    write_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # --resume reads it
     if added_tokens:
         tokenizer.save_pretrained(out)  # merge.py and generate.py need the added tokens
 
@@ -414,7 +519,7 @@ def train(cfg):
     first_eval = evaluate(model, eval_batches, autocast) if eval_batches and step == 0 else None
     if first_eval is not None:
         log(metrics, dict(step=0, eval_loss=first_eval, eval_ppl=math.exp(first_eval)))
-    last_eval, last_ckpt = first_eval, None
+    last_eval, last_ckpt = first_eval, resume_from
     bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
     run_start, run_tokens = time.time(), 0
     loss = float("nan")
@@ -462,6 +567,7 @@ def train(cfg):
         bar.update(1)
 
         if cfg.save_every and step % cfg.save_every == 0 or step == total_steps:
+            check_weights(step, last_ckpt)
             state = dict(step=step, tokens=tokens_seen, loss_scaler=scaler.state_dict(), epoch=epoch,
                          batch_offset=offset + cfg.grad_accum)
             last_ckpt = checkpoint.save(ckpt_root, step, save_adapter, optimizer, state,
@@ -470,9 +576,11 @@ def train(cfg):
     metrics.close()
 
     # --- final adapter ------------------------------------------------------------------
+    check_weights(step, last_ckpt)
     final_adapter_dir = out / ".adapter-tmp"
     save_adapter(final_adapter_dir, overwrite=True)
-    for f in final_adapter_dir.iterdir():
+    # Weights first, config last: an adapter_config.json in --out always has its weights beside it.
+    for f in sorted(final_adapter_dir.iterdir(), key=lambda f: f.name == lora.adapter.CONFIG_NAME):
         os.replace(f, out / f.name)
     final_adapter_dir.rmdir()
 
@@ -485,11 +593,30 @@ def train(cfg):
 
 
 def truncate_metrics(path, step):
-    """Drop log lines past the checkpoint we resume from: they are about to be redone."""
+    """Drop log lines past the checkpoint we resume from: they are about to be redone.
+
+    A line a kill cut short does not parse; it is past the checkpoint too, so it goes as well.
+    """
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def write_atomic(path, text):
+    """Replace `path` with `text` whole: a kill leaves the old file or the new, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def log(metrics, record):
@@ -521,9 +648,17 @@ def main(argv):
     try:
         return train(cfg)
     except torch.cuda.OutOfMemoryError:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        raise BadInput(f"CUDA out of memory (peak {peak:.1f} GiB allocated): lower --batch-size "
-                       f"(now {cfg.batch_size}) or --max-len (now {cfg.max_len}), or keep --grad-ckpt on") from None
+        raise BadInput(oom_message(cfg)) from None
+
+
+def oom_message(cfg):
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
+    ckpt = ("; gradient checkpointing is already on" if cfg.grad_ckpt
+            else ", or turn on gradient checkpointing (--grad-ckpt: recomputes activations instead of storing them)")
+    return (f"CUDA out of memory (peak {peak:.1f} GiB allocated of {total:.1f} GiB): lower --batch-size "
+            f"(now {cfg.batch_size}; --auto-batch finds the largest that fits, keeping the effective batch) "
+            f"or --max-len (now {cfg.max_len}){ckpt}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 A checkpoint is written into `checkpoints/.tmp-step-N/` and renamed to `step-N` only
 once every file is on disk (and fsynced), so a crash at any moment leaves either the
 previous complete checkpoints or a temporary directory that is ignored and cleaned up.
+Old checkpoints are deleted the same way round: renamed to a temporary name first, so
+a crash in the middle of a deletion never leaves a half-deleted `step-N` that looks whole.
 Optimizer and RNG states are loaded with `torch.load(weights_only=True)`: plain tensors
 and numbers, never arbitrary pickled code.
 """
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rawqlora.errors import BadInput
+
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 
@@ -28,6 +32,22 @@ def _fsync_dir_tree(path):
     for file in Path(path).iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
+
+
+def _fsync_dir(path):
+    """Make a rename inside `path` durable (POSIX: the directory entry lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    """Delete a checkpoint directory atomically from the reader's view: rename, then delete."""
+    doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 def save(ckpt_root, step, write_adapter, optimizer, trainer_state, keep_last=None):
@@ -42,21 +62,28 @@ def save(ckpt_root, step, write_adapter, optimizer, trainer_state, keep_last=Non
     tmp = ckpt_root / f"{TMP_PREFIX}{STEP_PREFIX}{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    write_adapter(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-    _fsync_dir_tree(tmp)
+    try:
+        tmp.mkdir()
+        write_adapter(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        _fsync_dir_tree(tmp)
+    except OSError as e:  # a full disk, a quota: the previous checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete(ckpt_root)
+        raise BadInput(f"cannot write checkpoint {final} ({e}); the newest complete checkpoint is "
+                       f"{previous[-1] if previous else 'none'}: free space, then --resume") from None
     if final.exists():  # re-saving the same step (e.g. the final step after a periodic save)
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
     if keep_last:
         for old in complete(ckpt_root)[:-keep_last]:
-            shutil.rmtree(old)
+            _remove(old)
     return final
 
 
