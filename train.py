@@ -88,6 +88,7 @@ class TrainConfig:
     epochs: float = 1.0  # passes over the training data (fractions allowed)
     max_steps: int = -1  # optimizer steps; overrides epochs when > 0
     grad_ckpt: bool = True  # recompute each decoder layer in backward: activations dominate QLoRA memory
+    offload_activations: bool = False  # park checkpointed layer inputs in host memory (7B, 16k tokens: -4 GiB GPU; costs PCIe time)
     auto_batch: bool = False  # CUDA: lower --batch-size to the largest that fits, raising --grad-accum to keep the effective batch
     seed: int = 42
 
@@ -209,7 +210,7 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
                               dropout=cfg.lora_dropout, rslora=cfg.rslora)
     modules_to_save = train_embedding_rows(model, tokenizer, added_tokens, cfg.train_embeddings)
     if cfg.grad_ckpt:
-        grad_ckpt.enable(model.get_decoder().layers)
+        grad_ckpt.enable(model.get_decoder().layers, offload=cfg.offload_activations)
     return model, wrapped, modules_to_save
 
 

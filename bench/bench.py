@@ -72,14 +72,14 @@ def load_seed_stack(path, dropout):
                                             task_type="CAUSAL_LM"))
 
 
-def load_rawqlora(path, dropout):
+def load_rawqlora(path, dropout, offload=False):
     import lora
     import quant
     from rawqlora import grad_ckpt
 
     model = quant.load_model(path, quant="nf4", double_quant=True, compute_dtype=torch.bfloat16, device="cuda")
     lora.inject(model, TARGETS, r=16, alpha=16, dropout=dropout)
-    grad_ckpt.enable(model.get_decoder().layers)
+    grad_ckpt.enable(model.get_decoder().layers, offload=offload)
     model.train()
     return model
 
@@ -136,8 +136,10 @@ def rawqlora_steps(model, seq, batch, n):
 def worker(args):
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    load = load_seed_stack if args.system == "seed-stack" else load_rawqlora
-    model = load(args.model_dir, args.dropout)
+    if args.system == "seed-stack":
+        model = load_seed_stack(args.model_dir, args.dropout)
+    else:  # "rawqlora", or "rawqlora-offload" with activations parked in host memory
+        model = load_rawqlora(args.model_dir, args.dropout, offload=args.system == "rawqlora-offload")
     torch.cuda.synchronize()
     load_s, load_gib = time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
     result = dict(system=args.system, seq=args.seq, batch=args.batch, dropout=args.dropout,

@@ -71,9 +71,9 @@ class LoRALinearFunction(torch.autograd.Function):
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = dy @ dense_weight(ctx.base, dtype)
-                if mask is None:
+                if mask is None:  # the LoRA term goes straight into dx's GEMM
                     dx.addmm_(g_a, a_w)
-                else:
-                    dx.add_((g_a @ a_w).mul_(mask).mul_(1 / (1 - ctx.dropout)))
+                else:  # one fused pass: dx += (g_a A) * m / q
+                    dx.addcmul_(g_a @ a_w, mask, value=1 / (1 - ctx.dropout))
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         return dx, d_a, d_b, None, None, None, None

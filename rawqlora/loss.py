@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(hidden, lm_head, labels, chunk_size=4096):
+def causal_lm_loss(hidden, lm_head, labels, chunk_size=1024):
     """Summed cross-entropy of predicting labels[:, t+1] from hidden[:, t]; returns (sum, n_targets).
 
     `hidden` is the decoder's last hidden state [B, T, H], `labels` [B, T] with -100 where
