@@ -145,7 +145,9 @@ def worker(args):
     result = dict(system=args.system, seq=args.seq, batch=args.batch, dropout=args.dropout,
                   load_s=load_s, load_peak_gib=load_gib)
     steps = seed_stack_steps if args.system == "seed-stack" else rawqlora_steps
-    if args.max_seq:
+    if args.decode:
+        result["decode_tok_s"] = decode_speed(model, args.system)
+    elif args.max_seq:
         result["max_seq_24gib"] = longest_sequence(model, args.system, steps)
     else:
         torch.cuda.reset_peak_memory_stats()
@@ -169,8 +171,34 @@ def profile(steps, model, args):
     Path(args.profile).write_text(table)
 
 
+def decode_speed(model, system, new_tokens=128):
+    """Batch-1 greedy decode tokens/s: our decode loop, or transformers' generate on the PEFT model."""
+    from rawqlora import decode
+
+    model.eval()
+    for m in model.modules():  # LoRA B is zero after init: make the adapter part of the work
+        if hasattr(m, "lora_B"):
+            w = m.lora_B.weight if system != "seed-stack" else m.lora_B["default"].weight
+            torch.nn.init.normal_(w, std=1e-3)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for attempt in range(2):  # the first run warms up kernels and allocator
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            if system == "seed-stack":
+                out = model.generate(input_ids=prompt.cuda(), attention_mask=torch.ones_like(prompt).cuda(),
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                n = out.shape[1] - prompt.shape[1]
+            else:
+                out = decode.generate(model, [prompt[0].tolist()], max_new_tokens=new_tokens)
+                n = len(out.tokens[0])
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t
+    return n / elapsed
+
+
 def longest_sequence(model, system, steps):
-    """Longest batch-1 sequence (doubling, then bisecting to 1k) whose training step fits in 24 GiB."""
+    """Longest batch-1 sequence (doubling, then bisecting to 2k) whose training step fits in 24 GiB."""
     limit = 24 * 2**30
     torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
 
@@ -185,8 +213,8 @@ def longest_sequence(model, system, steps):
     lo, hi = 0, 2048
     while fits(hi) and hi < 2**20:
         lo, hi = hi, hi * 2
-    while hi - lo > 1024:
-        mid = (lo + hi) // 2 // 1024 * 1024
+    while hi - lo > 2048:
+        mid = (lo + hi) // 2 // 2048 * 2048
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
 
@@ -194,10 +222,10 @@ def longest_sequence(model, system, steps):
 # ------------------------------------------------------------------------------------------
 # Driver.
 # ------------------------------------------------------------------------------------------
-def run_worker(system, seq, batch, model_dir, ns, max_seq=False):
+def run_worker(system, seq, batch, model_dir, ns, max_seq=False, decode=False):
     cmd = [sys.executable, __file__, "--worker", "--system", system, "--seq", str(seq), "--batch", str(batch),
            "--model-dir", str(model_dir), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
-           "--dropout", str(ns.dropout)] + (["--max-seq"] if max_seq else []) \
+           "--dropout", str(ns.dropout)] + (["--max-seq"] if max_seq else []) + (["--decode"] if decode else []) \
         + (["--profile", f"{ns.profile}.{system}.{seq}x{batch}.txt"] if ns.profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
@@ -230,6 +258,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--max-seq", action="store_true", help="also find the longest batch-1 sequence within 24 GiB")
+    p.add_argument("--decode", action="store_true", help="also measure batch-1 decode tokens/s of both systems")
     p.add_argument("--profile", default="", help="write a torch.profiler table of one rawqlora step to this file")
     p.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     # worker-only
@@ -246,18 +275,19 @@ def main():
     model_dir = build_model(ns.layers)
     print(f"model at {model_dir} ({time.perf_counter() - t:.0f}s)", flush=True)
     rows = []
-    for row in ns.rows.split(","):
+    for row in filter(None, ns.rows.split(",")):
         row, _, only = row.partition(":")  # "2048x1:rawqlora" runs one system only
         seq, batch = map(int, row.split("x"))
         for system in [only] if only else ns.systems.split(","):
             r = run_worker(system, seq, batch, model_dir, ns)
             print(json.dumps(r), flush=True)
             rows.append(r)
-    if ns.max_seq:
-        for system in ns.systems.split(","):
-            r = run_worker(system, 0, 1, model_dir, ns, max_seq=True)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+    for flag in ["max_seq", "decode"]:
+        if getattr(ns, flag):
+            for system in ns.systems.split(","):
+                r = run_worker(system, 0, 1, model_dir, ns, **{flag: True})
+                print(json.dumps(r), flush=True)
+                rows.append(r)
     result = dict(device=torch.cuda.get_device_name(0), versions=versions(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   command="python bench/bench.py " + " ".join(sys.argv[1:]), layers=ns.layers or 32, rows=rows)
@@ -270,7 +300,8 @@ def print_table(rows):
     print(f"{'system':<11} {'seq x batch':>11} {'tok/s':>8} {'peak GiB':>9} {'speed':>6} {'memory':>7} {'load s':>7}")
     for r in rows:
         if "tok_s" not in r:
-            extra = f"max seq in 24 GiB: {r.get('max_seq_24gib')}" if "max_seq_24gib" in r else r.get("error", "")[:60]
+            extra = (f"max seq in 24 GiB: {r['max_seq_24gib']}" if "max_seq_24gib" in r else
+                     f"decode: {r['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in r else r.get("error", "")[:60])
             print(f"{r['system']:<11} {extra}")
             continue
         b = base.get((r["seq"], r["batch"]))
