@@ -49,6 +49,13 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:  # the update is already inside W
             return self.base_layer(x)
+        if not torch.is_grad_enabled():
+            # Inference (eval, generation): the formula as written, so a 4-bit base runs
+            # bitsandbytes' own kernels (a fused 4-bit GEMV at batch 1, where dequantizing
+            # all of W per token, as the training path does, would be 5x slower).
+            lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+            result = self.base_layer(x)
+            return result + (lora * self.scaling).to(result.dtype)
         # The whole layer is one autograd function (lora/function.py has the formulas and
         # the reasons): the LoRA term is added inside the output GEMM, and backward keeps
         # only the (dropped-out) input, never an fp32 copy of it nor a dequantized W.
