@@ -16,10 +16,10 @@ import peft
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from lora import LoRALinear, inject, lora_modules
 from rawqlora.errors import BadInput
+from reference import load_hf
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -27,15 +27,6 @@ MLP = ["gate_proj", "up_proj", "down_proj"]
 TARGETS = {"llama": ATTENTION + MLP, "mistral": ATTENTION + MLP, "qwen2": ATTENTION + MLP}
 TARGETS["mixtral"] = ATTENTION
 TOL = 1e-5  # see the module docstring
-
-
-def load(path, nf4=False):
-    if not nf4:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map="cpu")
 
 
 def randomize_lora(model, seed=0):
@@ -60,7 +51,7 @@ def tokens(seed=0, vocab=256):
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 @pytest.mark.parametrize("arch", list(TARGETS))
 def test_matches_peft_logits_and_grads(make_model_dir, arch, nf4, rslora):
-    ours = load(make_model_dir(arch), nf4)
+    ours = load_hf(make_model_dir(arch), nf4)
     theirs = copy.deepcopy(ours)  # same base weights, NF4 packing included
     ids = tokens()
     with torch.no_grad():
@@ -132,7 +123,7 @@ def test_bf16_base_keeps_fp32_adapter_and_bf16_output():
 
 
 def test_merge_unmerge(make_model_dir):
-    model = load(make_model_dir("llama"))
+    model = load_hf(make_model_dir("llama"))
     inject(model, ATTENTION + MLP, r=4, alpha=8)
     randomize_lora(model)
     ids = tokens()
@@ -164,7 +155,7 @@ def test_merge_unmerge(make_model_dir):
 
 
 def test_merge_refuses_4bit(make_model_dir):
-    model = load(make_model_dir("llama"), nf4=True)
+    model = load_hf(make_model_dir("llama"), nf4=True)
     inject(model, ["q_proj"], r=4, alpha=8)
     layer = next(iter(lora_modules(model).values()))
     with pytest.raises(TypeError, match="4-bit"):
@@ -173,7 +164,7 @@ def test_merge_refuses_4bit(make_model_dir):
 
 
 def test_all_linear_skips_head_and_router(make_model_dir):
-    model = load(make_model_dir("mixtral"))
+    model = load_hf(make_model_dir("mixtral"))
     wrapped = inject(model, "all-linear", r=2, alpha=4)
     # Fused experts are not nn.Linear, the router is a MixtralTopKRouter, lm_head is the head.
     assert {n.rsplit(".", 1)[-1] for n in wrapped} == set(ATTENTION)
@@ -181,7 +172,7 @@ def test_all_linear_skips_head_and_router(make_model_dir):
 
 
 def test_target_forms(make_model_dir):
-    model = load(make_model_dir("qwen2"))
+    model = load_hf(make_model_dir("qwen2"))
     regex = r"model\.layers\.1\.self_attn\.(q|v)_proj"
     assert inject(model, regex, r=2, alpha=4) == [
         "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
@@ -192,7 +183,7 @@ def test_target_forms(make_model_dir):
 
 
 def test_bad_inputs(make_model_dir):
-    model = load(make_model_dir("llama"))
+    model = load_hf(make_model_dir("llama"))
     with pytest.raises(BadInput, match=r"\['qproj'\] match no module.*k_proj, lm_head, o_proj"):
         inject(model, ["q_proj", "qproj"], r=4, alpha=8)
     with pytest.raises(BadInput, match="regex 'layers' fully matches no module"):
