@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 import torch
 
 from rawqlora.errors import BadInput
+from rawqlora.loss import IGNORE_INDEX
 from rawqlora.tiny import CHATML_TEMPLATE
 
-IGNORE = -100  # the label that gets no loss: torch's cross_entropy ignore_index default
+IGNORE = IGNORE_INDEX  # the label that gets no loss (rawqlora/loss.py skips it)
 FORMATS = ("chat", "alpaca", "prompt-response", "text")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label that gets no loss: torch cross_entropy's ignore_index default
 
 
 def causal_lm_loss(hidden, lm_head, labels, chunk_size=1024):
