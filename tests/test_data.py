@@ -27,7 +27,7 @@ from rawqlora.data import (
 )
 from rawqlora.errors import BadInput
 from rawqlora.tiny import CHATML_TEMPLATE, tiny_model, train_tokenizer
-from tests.conftest import TOKENIZER_TEXTS
+from conftest import TOKENIZER_TEXTS
 
 EOS = "</s>"
 CHAT = {
