@@ -7,7 +7,10 @@ Reads top to bottom: config, input checks (all of them before --out is touched),
 optimizer, loop, checkpoints. The pieces that are worth reading on their own live in small
 modules: lora/ (the adapters), quant/ (4-bit loading), rawqlora/data.py (formats and masking),
 rawqlora/optim.py (AdamW, schedules), rawqlora/loss.py (chunked cross-entropy),
-rawqlora/checkpoint.py (atomic checkpoints).
+rawqlora/checkpoint.py (atomic checkpoints), rawqlora/distributed.py (data-parallel helpers).
+
+Data-parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N train.py ... ;
+--batch-size is then per rank, so each optimizer step sees N x batch-size x grad-accum samples.
 """
 
 import argparse
@@ -33,7 +36,7 @@ import quant
 from lora.inject import resolve_targets
 from quant.experts import unfuse_experts
 from quant.load import checkpoint_files, checkpoint_keys, read_config
-from rawqlora import checkpoint, cli, data, grad_ckpt
+from rawqlora import checkpoint, cli, data, distributed, grad_ckpt
 from rawqlora.errors import BadInput
 from rawqlora.loss import causal_lm_loss
 from rawqlora.optim import LossScaler, lr_factor, make_optimizer
@@ -137,8 +140,8 @@ def parse_config(argv):
     elif not given.get("model") and not given.get("config"):
         # The embedded default is a 3M-parameter model: it wants a higher learning rate and
         # fewer steps than the real-model defaults above. Its settings are in this file.
-        print(f"note: no --model: fine-tuning the embedded default with the settings in {EMBEDDED_CONFIG}",
-              file=sys.stderr)
+        say(f"note: no --model: fine-tuning the embedded default with the settings in {EMBEDDED_CONFIG}",
+            file=sys.stderr)
         values = read_config_file(EMBEDDED_CONFIG, known)
     if given.get("config"):
         values.update(read_config_file(given["config"], known))
@@ -270,14 +273,21 @@ def optimizer_step_grads(model, micro_batches, autocast, loss_scale):
     window, not by its own count or by the number of micro-batches: then N micro-batches
     of uneven lengths give exactly the gradient of one big batch whose loss is the mean
     over all its target tokens.
+
+    Under torchrun each rank holds its slice of every micro-batch; the window is all of
+    them: the target count and the summed loss are summed over ranks, and so are the
+    gradients at the end. Then every rank holds exactly the single-process gradient.
     """
+    device = next(model.parameters()).device
     window_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    window_targets = distributed.all_reduce_sum(window_targets, device)  # before backward: it scales the loss
     total_loss = 0.0
     for batch in micro_batches:
         loss_sum, _ = forward_loss(model, batch, autocast)
         (loss_sum * (loss_scale / window_targets)).backward()
         total_loss += loss_sum.item()
-    return total_loss / window_targets
+    distributed.all_reduce_grads(p for p in model.parameters() if p.requires_grad)
+    return distributed.all_reduce_sum(total_loss, device) / window_targets
 
 
 @torch.no_grad()
@@ -286,10 +296,12 @@ def evaluate(model, batches, autocast):
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
-    for batch in batches:
+    device = next(model.parameters()).device
+    for batch in batches[distributed.rank() :: distributed.world_size()]:  # each rank its share of the batches
         loss_sum, count = forward_loss(model, batch, autocast)
-        total, n = total + loss_sum.item(), n + count
+        total, n = total + loss_sum.item(), n + int(count)
     model.train(was_training)
+    total, n = distributed.all_reduce_sum(total, device), distributed.all_reduce_sum(n, device)
     return total / max(n, 1)
 
 
@@ -409,7 +421,9 @@ def train(cfg):
     # "auto" settings become concrete here, so train_config.json records what actually ran.
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(cfg.device)
+    # Under torchrun: join the process group; each rank on its own GPU (cuda:LOCAL_RANK).
+    device = distributed.setup(torch.device(cfg.device))
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     if cfg.optim == "auto":
         cfg.optim = "paged_adamw" if device.type == "cuda" else "adamw"
     if cfg.dtype == "auto":
@@ -420,12 +434,18 @@ def train(cfg):
         raise BadInput("--dtype fp16 is for CUDA GPUs; use bf16 or fp32 on the CPU")
     if cfg.auto_batch and device.type != "cuda":
         raise BadInput("--auto-batch needs CUDA (it measures GPU memory); on the CPU set --batch-size yourself")
+    if cfg.auto_batch and world > 1:  # each rank would probe its own GPU and could pick a different size
+        raise BadInput("--auto-batch runs in one process only: under torchrun set the per-rank --batch-size yourself")
     # Every input is checked before --out is created or (--overwrite) deleted: model, data,
     # weights, targets. Only then is anything written.
     out = check_out_dir(cfg)
     ckpt_root = out / "checkpoints"
     resume_from = checkpoint.complete(ckpt_root)[-1] if cfg.resume else None  # the newest complete one
     check_model(cfg)
+    # The same seed on every rank: the LoRA weights start equal everywhere (and stay equal: every
+    # rank applies the same summed gradient). With --lora-dropout > 0 each rank then draws the
+    # same dropout masks for its slice, so the masks differ from a single process's run; with
+    # dropout 0 N ranks compute the single-process step up to fp32 summation order.
     torch.manual_seed(cfg.seed)
 
     # --- data ---------------------------------------------------------------------------
@@ -434,11 +454,11 @@ def train(cfg):
         cfg.data, tokenizer, fmt=cfg.format, max_len=cfg.max_len, train_on_prompt=cfg.train_on_prompt,
         eval_split=cfg.eval_split, eval_data=cfg.eval_data or None, seed=cfg.seed, force_chatml=cfg.add_chatml_tokens)
     for notice in data_stats["notices"]:
-        print(f"note: {notice}", file=sys.stderr)
+        say(f"note: {notice}", file=sys.stderr)
     t = data_stats["train"]
-    print(f"data {cfg.data} ({data_stats['format']}): {t['samples']:,} train samples, {len(eval_rows):,} eval, "
-          f"{t['tokens']:,} tokens ({t['target_tokens']:,} with loss); {t['truncated']} truncated to "
-          f"--max-len {cfg.max_len}, {t['dropped']} dropped for having no target left")
+    say(f"data {cfg.data} ({data_stats['format']}): {t['samples']:,} train samples, {len(eval_rows):,} eval, "
+        f"{t['tokens']:,} tokens ({t['target_tokens']:,} with loss); {t['truncated']} truncated to "
+        f"--max-len {cfg.max_len}, {t['dropped']} dropped for having no target left")
     added_tokens = data_stats["new_token_ids"]
     rows = data.pack(train_samples, cfg.max_len) if cfg.packing else train_samples
     collate = data.collate_packed if cfg.packing else data.collate
@@ -449,20 +469,23 @@ def train(cfg):
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     n_total = sum(p.numel() for p in model.parameters())
-    print(f"model {cfg.model} ({cfg.quant}, {cfg.dtype}) loaded in {time.time() - t0:.1f}s on {device}; "
-          f"LoRA r={cfg.lora_r} on {len(wrapped)} modules: {n_trainable:,} trainable parameters "
-          f"({100 * n_trainable / n_total:.2f}% of {n_total:,} stored)")
+    say(f"model {cfg.model} ({cfg.quant}, {cfg.dtype}) loaded in {time.time() - t0:.1f}s on {device}; "
+        f"LoRA r={cfg.lora_r} on {len(wrapped)} modules: {n_trainable:,} trainable parameters "
+        f"({100 * n_trainable / n_total:.2f}% of {n_total:,} stored)")
     autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else nullcontext()
     model.train()
     if cfg.auto_batch and not resume_from:  # a resumed run keeps the sizes its train_config.json recorded
         probe = functools.partial(probe_batch, model, rows, collate, tokenizer.pad_token_id, device, autocast)
         cfg.batch_size, cfg.grad_accum, largest = auto_batch_size(probe, cfg.batch_size, cfg.grad_accum)
-        print(f"--auto-batch: a micro-batch of {largest} of the longest samples fits; using --batch-size "
-              f"{cfg.batch_size} --grad-accum {cfg.grad_accum} (effective batch {cfg.batch_size * cfg.grad_accum})")
+        say(f"--auto-batch: a micro-batch of {largest} of the longest samples fits; using --batch-size "
+            f"{cfg.batch_size} --grad-accum {cfg.grad_accum} (effective batch {cfg.batch_size * cfg.grad_accum})")
 
+    # Global micro-batches of world x batch_size: the very list a single process with that
+    # batch size would build, so N ranks see the same samples per step as one process does.
+    # Rank r trains on the slice [r*batch_size, (r+1)*batch_size) of each.
     @functools.lru_cache(maxsize=1)
     def epoch_batches(epoch):
-        order = data.batches(rows, cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=not cfg.packing)
+        order = data.batches(rows, world * cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=not cfg.packing)
         return [[rows[i] for i in idx] for idx in order]
 
     batches_per_epoch = len(epoch_batches(0))
@@ -470,10 +493,14 @@ def train(cfg):
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
     # --- output directory: every input has passed its checks ---------------------------
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoint.remove_incomplete(ckpt_root)  # a save that a crash cut short
+    # Only rank 0 writes to --out, and only once every rank has checked it (the barrier): a
+    # slower rank must not find rank 0's fresh files and call --out "not empty".
+    distributed.barrier()
+    if main:
+        if cfg.overwrite and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_incomplete(ckpt_root)  # a save that a crash cut short
 
     # --- optimizer ----------------------------------------------------------------------
     # No weight decay on embedding rows: decay would shrink the frozen rows' neighbours' scale.
@@ -500,37 +527,42 @@ def train(cfg):
         state = checkpoint.load_states(resume_from, optimizer)
         step, tokens_seen = state["step"], state["tokens"]
         scaler.load_state_dict(state["loss_scaler"])
-        truncate_metrics(out / "metrics.jsonl", step)
+        if main:
+            truncate_metrics(out / "metrics.jsonl", step)
         metrics_mode = "a"
-        print(f"resumed from {resume_from} (step {step} of {total_steps})")
+        say(f"resumed from {resume_from} (step {step} of {total_steps})")
 
     cfg.resolved = dict(total_steps=total_steps,
                         steps_per_epoch=steps_per_epoch, lora_modules=wrapped, modules_to_save=modules_to_save,
                         data=data_stats)
-    write_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # --resume reads it
-    if added_tokens:
-        tokenizer.save_pretrained(out)  # merge.py and generate.py need the added tokens
+    if main:
+        write_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # --resume reads it
+        if added_tokens:
+            tokenizer.save_pretrained(out)  # merge.py and generate.py need the added tokens
 
     eval_batches = [to_device(collate(eval_rows[i : i + cfg.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(eval_rows), cfg.batch_size)]
 
     # --- loop ---------------------------------------------------------------------------
     model.train()
-    metrics = open(out / "metrics.jsonl", metrics_mode)
+    metrics = open(out / "metrics.jsonl" if main else os.devnull, metrics_mode)  # rank 0 logs; the others agree
     first_eval = evaluate(model, eval_batches, autocast) if eval_batches and step == 0 else None
     if first_eval is not None:
         log(metrics, dict(step=0, eval_loss=first_eval, eval_ppl=math.exp(first_eval)))
     last_eval, last_ckpt = first_eval, resume_from
-    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if main else True)
     run_start, run_tokens = time.time(), 0
     loss = float("nan")
     while step < total_steps:
         # The data position is a pure function of the step: epoch and batch offset.
         epoch, offset = divmod(step * cfg.grad_accum, steps_per_epoch * cfg.grad_accum)
         micro = epoch_batches(epoch)[offset : offset + cfg.grad_accum]
-        tokens = sum(len(sample["input_ids"]) for b in micro for sample in b)  # real tokens, no padding
-        micro = [to_device(collate(b, tokenizer.pad_token_id), device) for b in micro]
+        tokens = sum(len(sample["input_ids"]) for b in micro for sample in b)  # real tokens of all ranks, no padding
+        micro = [b[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] for b in micro]  # this rank's slice
+        # An epoch's last batch may be smaller: a rank can get nothing of it (it still all-reduces).
+        micro = [to_device(collate(b, tokenizer.pad_token_id), device) for b in micro if b]
 
+        # The loss and gradients are summed over ranks inside: every check below agrees on all ranks.
         loss = optimizer_step_grads(model, micro, autocast, scaler.scale)
         if not math.isfinite(loss) and not scaler.enabled:
             raise BadInput(stop_message(step + 1, "loss", last_ckpt))
@@ -571,25 +603,31 @@ def train(cfg):
             check_weights(step, last_ckpt)
             state = dict(step=step, tokens=tokens_seen, loss_scaler=scaler.state_dict(), epoch=epoch,
                          batch_offset=offset + cfg.grad_accum)
-            last_ckpt = checkpoint.save(ckpt_root, step, save_adapter, optimizer, state,
-                                        keep_last=cfg.keep_last or None)
+            # The weights and optimizer states are the same on every rank: rank 0 saves them.
+            if main:
+                checkpoint.save(ckpt_root, step, save_adapter, optimizer, state, keep_last=cfg.keep_last or None)
+            last_ckpt = ckpt_root / f"{checkpoint.STEP_PREFIX}{step}"
+            distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet on disk
     bar.close()
     metrics.close()
 
     # --- final adapter ------------------------------------------------------------------
     check_weights(step, last_ckpt)
-    final_adapter_dir = out / ".adapter-tmp"
-    save_adapter(final_adapter_dir, overwrite=True)
-    # Weights first, config last: an adapter_config.json in --out always has its weights beside it.
-    for f in sorted(final_adapter_dir.iterdir(), key=lambda f: f.name == lora.adapter.CONFIG_NAME):
-        os.replace(f, out / f.name)
-    final_adapter_dir.rmdir()
+    if main:
+        final_adapter_dir = out / ".adapter-tmp"
+        save_adapter(final_adapter_dir, overwrite=True)
+        # Weights first, config last: an adapter_config.json in --out always has its weights beside it.
+        for f in sorted(final_adapter_dir.iterdir(), key=lambda f: f.name == lora.adapter.CONFIG_NAME):
+            os.replace(f, out / f.name)
+        final_adapter_dir.rmdir()
+    distributed.barrier()  # every rank returns only once the adapter is in --out
 
     elapsed = time.time() - run_start
     summary = dict(steps=step, tokens=tokens_seen, seconds=elapsed, tok_s=run_tokens / max(elapsed, 1e-9),
                    peak_mem_gib=memory_gib(device), train_loss=loss, eval_loss=last_eval,
                    first_eval_loss=first_eval, out=str(out))
-    print_summary(summary, out, cfg)
+    if main:
+        print_summary(summary, out, cfg)
     return summary
 
 
@@ -618,6 +656,12 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def say(*args, **kwargs):
+    """print, on rank 0 only: N ranks would print the same lines N times."""
+    if distributed.is_main():
+        print(*args, **kwargs)
 
 
 def log(metrics, record):
@@ -650,6 +694,8 @@ def main(argv):
         return train(cfg)
     except torch.cuda.OutOfMemoryError:
         raise BadInput(oom_message(cfg)) from None
+    finally:
+        distributed.shutdown()
 
 
 def oom_message(cfg):
