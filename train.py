@@ -14,6 +14,7 @@ Data-parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N train.py
 """
 
 import argparse
+import collections
 import dataclasses
 import functools
 import gc
@@ -21,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -552,7 +554,9 @@ def train(cfg):
     last_eval, last_ckpt = first_eval, resume_from
     bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if main else True)
     run_start, run_tokens = time.time(), 0
-    loss = float("nan")
+    # Length-grouped batches hold samples of similar length, often of one kind, so single-step
+    # losses jump; the bar and the summary show the mean of the recent steps.
+    recent_losses = collections.deque(maxlen=50)
     while step < total_steps:
         # The data position is a pure function of the step: epoch and batch offset.
         epoch, offset = divmod(step * cfg.grad_accum, steps_per_epoch * cfg.grad_accum)
@@ -586,6 +590,7 @@ def train(cfg):
         run_tokens += tokens
 
         elapsed = time.time() - run_start
+        recent_losses.append(loss)
         record = dict(step=step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
                       tok_s=run_tokens / elapsed, mem_gib=memory_gib(device))
         if scaler.enabled:
@@ -594,7 +599,7 @@ def train(cfg):
             last_eval = evaluate(model, eval_batches, autocast)
             record.update(eval_loss=last_eval, eval_ppl=math.exp(last_eval))
         log(metrics, record)
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tok_s']:.0f}",
+        bar.set_postfix(loss=f"{statistics.fmean(recent_losses):.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tok_s']:.0f}",
                         **({"mem": f"{record['mem_gib']:.1f}G"} if device.type == "cuda" else {}),
                         **({"eval": f"{last_eval:.3f}"} if last_eval is not None else {}))
         bar.update(1)
@@ -624,7 +629,7 @@ def train(cfg):
 
     elapsed = time.time() - run_start
     summary = dict(steps=step, tokens=tokens_seen, seconds=elapsed, tok_s=run_tokens / max(elapsed, 1e-9),
-                   peak_mem_gib=memory_gib(device), train_loss=loss, eval_loss=last_eval,
+                   peak_mem_gib=memory_gib(device), train_loss=statistics.fmean(recent_losses) if recent_losses else float("nan"), eval_loss=last_eval,
                    first_eval_loss=first_eval, out=str(out))
     if main:
         print_summary(summary, out, cfg)
@@ -681,7 +686,7 @@ def print_summary(s, out, cfg):
         evals = f"; eval loss {s['first_eval_loss']:.3f} -> {s['eval_loss']:.3f}"
     peak = f", peak memory {s['peak_mem_gib']:.2f} GiB" if s["peak_mem_gib"] else ""
     print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f}s ({s['tok_s']:.0f} tokens/s{peak}); "
-          f"train loss {s['train_loss']:.3f}{evals}")
+          f"train loss {s['train_loss']:.3f} (mean of the last {min(50, s['steps'])} steps){evals}")
     print(f"adapter: {out}")
     print("next:")
     print(f"  python merge.py --adapter {out} --out {out}-merged")
