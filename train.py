@@ -134,6 +134,7 @@ def parse_config(argv):
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
 
     known = {f.name for f in fields}
+    field_types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     values = {}
     if given.get("resume") and given.get("out") and (Path(given["out"]) / "train_config.json").is_file():
         # Resuming continues the run as it was configured; flags given now still win.
@@ -148,13 +149,28 @@ def parse_config(argv):
     if given.get("config"):
         values.update(read_config_file(given["config"], known))
     values.update(given)
-    cfg = TrainConfig(**values)
+    cfg = TrainConfig(**{k: typed(k, v, field_types[k]) for k, v in values.items()})
     if not cfg.model:
         cfg.model, cfg.data = str(REPO / "default" / "model"), cfg.data or str(REPO / "default" / "data" / "chat.jsonl")
     if not cfg.data:
         raise BadInput("--data is required with --model (a json/jsonl/csv/parquet/txt file or a dataset name)")
     validate(cfg)
     return cfg
+
+
+def typed(name, value, kind):
+    """A config-file value as its field's type ("2e-4" -> 2e-4); argparse already typed the flags."""
+    flag = "--" + name.replace("_", "-")
+    if kind is bool and not isinstance(value, bool):
+        raise BadInput(f"{flag}: expected true or false, got {value!r}")
+    if kind not in (bool, dict):
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise BadInput(f"{flag}: expected {kind.__name__}, got {value!r}") from None
+    if name in CHOICES and value not in CHOICES[name]:
+        raise BadInput(f"{flag}: {value!r} is not one of {', '.join(CHOICES[name])}")
+    return value
 
 
 def read_config_file(path, known):

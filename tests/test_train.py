@@ -150,3 +150,27 @@ def test_added_chat_tokens_train_only_new_rows(tmp_path):
     assert not torch.allclose(embed[len(tok) :], original.mean(0).expand(2, -1))  # new rows trained
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"quant": "nf3"}', "--quant: 'nf3' is not one of"),
+    ('{"lr": "fast"}', "--lr: expected float"),
+    ('{"packing": "yes"}', "--packing: expected true or false"),
+    ('{"lora_rank": 8}', "unknown option(s) lora_rank"),
+    ("[1, 2]", "expected a mapping"),
+])
+def test_config_file_values_are_checked_like_flags(tmp_path, content, message):
+    from rawqlora.errors import BadInput
+
+    path = tmp_path / "cfg.json"
+    path.write_text(content)
+    with pytest.raises(BadInput) as e:
+        train.parse_config(["--config", str(path)])
+    assert message in str(e.value)
+
+
+def test_config_file_values_are_typed_and_flags_win(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("lr: '5e-4'\nlora-r: 8\npacking: true\n")
+    cfg = train.parse_config(["--config", str(path), "--lora-r", "32"])
+    assert cfg.lr == 5e-4 and cfg.packing is True and cfg.lora_r == 32
