@@ -459,6 +459,10 @@ def train(cfg):
     out = check_out_dir(cfg)
     ckpt_root = out / "checkpoints"
     resume_from = checkpoint.complete(ckpt_root)[-1] if cfg.resume else None  # the newest complete one
+    saved_world = json.loads((resume_from / "trainer_state.json").read_text()).get("world_size", 1) if resume_from else world
+    if saved_world != world:  # rank slices of each global batch, and the global batch itself, depend on it
+        raise BadInput(f"--resume: {resume_from} was written by {saved_world} process(es), this run has {world}; "
+                       f"resume with torchrun --nproc_per_node {saved_world}")
     check_model(cfg)
     # The same seed on every rank: the LoRA weights start equal everywhere (and stay equal: every
     # rank applies the same summed gradient). With --lora-dropout > 0 each rank then draws the
@@ -622,7 +626,7 @@ def train(cfg):
 
         if cfg.save_every and step % cfg.save_every == 0 or step == total_steps:
             check_weights(step, last_ckpt)
-            state = dict(step=step, tokens=tokens_seen, loss_scaler=scaler.state_dict(), epoch=epoch,
+            state = dict(step=step, tokens=tokens_seen, world_size=world, loss_scaler=scaler.state_dict(), epoch=epoch,
                          batch_offset=offset + cfg.grad_accum)
             # The weights and optimizer states are the same on every rank: rank 0 saves them.
             if main:

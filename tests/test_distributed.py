@@ -118,3 +118,15 @@ def test_a_rank_with_nothing_in_the_last_batch(tmp_path):
         assert la == pytest.approx(lb, rel=1e-5)
     assert_adapters_close(tmp_path / "two", tmp_path / "one")
     assert_grad_norms_equal(tmp_path / "two", tmp_path / "one")
+
+
+def test_resume_with_another_number_of_ranks_is_refused(runs):
+    # The global batch and each rank's slice of it depend on the number of ranks: resuming a
+    # 2-rank run in one process would silently train on other samples.
+    import train
+    from rawqlora.errors import BadInput
+
+    tmp, _ = runs
+    shutil.copytree(tmp / "two", tmp / "one-rank-resume")
+    with pytest.raises(BadInput, match="written by 2 process"):
+        train.train(train.parse_config(["--out", str(tmp / "one-rank-resume"), "--resume"]))
