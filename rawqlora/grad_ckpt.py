@@ -9,8 +9,9 @@ Two ways, the same gradients:
     works when the layer's inputs do not require grad (frozen embeddings feed layer 0)
     and supports keyword arguments.
   * offloaded (`offload=True`): the kept inputs, 2 bytes x hidden size per token per layer
-    (4 GiB for a 7B model at 16k tokens), wait in pinned host memory instead; the copy
-    down overlaps the next layer's compute, the copy up happens once in backward. Written
+    (4 GiB for a 7B model at 16k tokens), wait in pinned host memory instead: one copy
+    down in forward, one up in backward, both on the compute stream (measured: -6% speed
+    at 2048 x 8 on an H100; a side stream could hide them). Written
     as a small autograd function because PyTorch's checkpoint keeps its inputs by
     reference, where no saved-tensor hook can move them.
 """
