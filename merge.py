@@ -58,7 +58,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import lora
 import quant
 from lora.adapter import PREFIX
-from lora.adapter import _read as read_adapter_files  # config + tensors, with PEFT-format checks
+from lora.adapter import read_adapter_files  # config + tensors, with PEFT-format checks
 from lora.inject import resolve_targets
 from quant.experts import checkpoint_key, module_key, unfuse_experts
 from quant.load import BLOCKSIZE, INDEX, checkpoint_files, open_checkpoint, read_config, read_tensor, skipped, to_4bit

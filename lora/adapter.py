@@ -155,7 +155,7 @@ def save_adapter(model, path, base_model=None, modules_to_save=None, overwrite=F
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read(path):
+def read_adapter_files(path):
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"adapter directory {path} does not exist; pass one save_adapter wrote")
@@ -187,7 +187,7 @@ def load_adapter(model, path):
     like every non-LoRA weight they stay frozen. Every tensor is checked before any is copied,
     but after a BadInput the model may hold fresh LoRA layers: load a new base to retry.
     """
-    config, tensors = _read(path)
+    config, tensors = read_adapter_files(path)
     bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if bad:
         raise BadInput(f"adapter {path} has NaN/inf in {bad[0]}; the run that wrote it diverged")
