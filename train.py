@@ -648,8 +648,9 @@ def train(cfg):
     distributed.barrier()  # every rank returns only once the adapter is in --out
 
     elapsed = time.time() - run_start
+    train_loss = statistics.fmean(recent_losses) if recent_losses else float("nan")  # nan: resumed at the end
     summary = dict(steps=step, tokens=tokens_seen, seconds=elapsed, tok_s=run_tokens / max(elapsed, 1e-9),
-                   peak_mem_gib=memory_gib(device), train_loss=statistics.fmean(recent_losses) if recent_losses else float("nan"), eval_loss=last_eval,
+                   peak_mem_gib=memory_gib(device), train_loss=train_loss, eval_loss=last_eval,
                    first_eval_loss=first_eval, out=str(out))
     if main:
         print_summary(summary, out, cfg)
