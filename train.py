@@ -38,7 +38,7 @@ import quant
 from lora.inject import resolve_targets
 from quant.experts import unfuse_experts
 from quant.load import checkpoint_files, checkpoint_keys, read_config
-from rawqlora import checkpoint, cli, data, distributed, grad_ckpt
+from rawqlora import checkpoint, cli, data, distributed, fused, grad_ckpt
 from rawqlora.errors import BadInput
 from rawqlora.loss import causal_lm_loss
 from rawqlora.optim import LossScaler, lr_factor, make_optimizer
@@ -94,6 +94,7 @@ class TrainConfig:
     max_steps: int = -1  # optimizer steps; overrides epochs when > 0
     grad_ckpt: bool = True  # recompute each decoder layer in backward: activations dominate QLoRA memory
     offload_activations: bool = False  # park checkpointed layer inputs in host memory (7B, 16k tokens: -4 GiB GPU; costs PCIe time)
+    fused_kernels: bool = True  # RMSNorm and SwiGLU with their backward written out (rawqlora/fused.py), compiled on CUDA
     auto_batch: bool = False  # CUDA: lower --batch-size to the largest that fits, raising --grad-accum to keep the effective batch
     seed: int = 42
 
@@ -230,6 +231,8 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
         wrapped = lora.inject(model, parse_targets(cfg.targets), r=cfg.lora_r, alpha=cfg.lora_alpha,
                               dropout=cfg.lora_dropout, rslora=cfg.rslora)
     modules_to_save = train_embedding_rows(model, tokenizer, added_tokens, cfg.train_embeddings)
+    if cfg.fused_kernels:
+        fused.enable(model)
     if cfg.grad_ckpt:
         grad_ckpt.enable(model.get_decoder().layers, offload=cfg.offload_activations)
     return model, wrapped, modules_to_save

@@ -16,7 +16,7 @@ Why by hand rather than autograd over `base(x) + B(A(dropout(x))) * s`:
     adapter and runs five elementwise passes over [N, out] outputs (scale, cast, add ...);
     on a 7B model at 16k tokens those passes cost about as much as the matrix products.
     Here the LoRA term is folded into the output by `addmm_` (the GEMM adds in place), and
-    backward saves only x_d (x itself when p = 0), the mask and the small `a`.
+    backward saves only x, the mask and the small `a`.
   * the 4-bit weight is dequantized once in forward and once in backward, and neither
     dequantized copy is kept: saving it would cost 2 bytes per weight per layer.
 
@@ -28,6 +28,8 @@ this layer and PEFT's produce the same masks from the same seed.
 
 import bitsandbytes as bnb
 import torch
+
+from rawqlora.fused import add_masked_, apply_mask, kernel, pack_mask
 
 
 def dense_weight(base, dtype):
@@ -46,34 +48,38 @@ class LoRALinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             bias = None if base.bias is None else base.bias.to(dtype)
             y = torch.nn.functional.linear(x, dense_weight(base, dtype), bias)
+            mask = None
             if dropout > 0:
                 x_d, mask = torch.native_dropout(x, dropout, True)
+                mask = kernel(pack_mask, x.device)(mask)
             else:
-                x_d, mask = x, None
+                x_d = x
             a_w, b_w = lora_a.to(dtype), lora_b.to(dtype)
             a = x_d @ a_w.t()
             y.addmm_(a, b_w.t(), alpha=scaling)
-        ctx.save_for_backward(x_d, mask, a, lora_a, lora_b)
+        ctx.save_for_backward(x, mask, a, lora_a, lora_b)
         ctx.base, ctx.scaling, ctx.dropout, ctx.dtype = base, scaling, dropout, dtype
         ctx.x_shape, ctx.x_dtype = shape, x_dtype
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x_d, mask, a, lora_a, lora_b = ctx.saved_tensors
-        dtype, s = ctx.dtype, ctx.scaling
+        x, mask, a, lora_a, lora_b = ctx.saved_tensors
+        dtype, s, keep = ctx.dtype, ctx.scaling, 1 - ctx.dropout
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)
         with torch.autocast(dy.device.type, enabled=False):
             a_w, b_w = lora_a.to(dtype), lora_b.to(dtype)
             g_a = (dy @ b_w).mul_(s)
             d_b = (dy.t() @ a).mul_(s).to(lora_b.dtype)
+            x_d = x if mask is None else kernel(apply_mask, x.device)(x, mask, 1 / keep)
             d_a = (g_a.t() @ x_d).to(lora_a.dtype)
+            del x_d
             dx = None
             if ctx.needs_input_grad[0]:
                 dx = dy @ dense_weight(ctx.base, dtype)
                 if mask is None:  # the LoRA term goes straight into dx's GEMM
                     dx.addmm_(g_a, a_w)
                 else:  # one fused pass: dx += (g_a A) * m / q
-                    dx.addcmul_(g_a @ a_w, mask, value=1 / (1 - ctx.dropout))
+                    kernel(add_masked_, dx.device)(dx, g_a @ a_w, mask, 1 / keep)
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         return dx, d_a, d_b, None, None, None, None

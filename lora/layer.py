@@ -49,10 +49,12 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         if self.merged:  # the update is already inside W
             return self.base_layer(x)
-        if not torch.is_grad_enabled():
-            # Inference (eval, generation): the formula as written, so a 4-bit base runs
-            # bitsandbytes' own kernels (a fused 4-bit GEMV at batch 1, where dequantizing
-            # all of W per token, as the training path does, would be 5x slower).
+        if not (self.training or torch.is_grad_enabled()):
+            # Inference (eval mode, no gradients: generation): the formula as written, so a
+            # 4-bit base runs bitsandbytes' own kernels (a fused 4-bit GEMV at batch 1, where
+            # dequantizing all of W per token, as the training path does, would be 5x slower).
+            # A training-mode pass without gradients (the first pass of an offloaded
+            # checkpoint) stays on the training path: same kernels, same numbers as its recompute.
             lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
             result = self.base_layer(x)
             return result + (lora * self.scaling).to(result.dtype)

@@ -8,8 +8,10 @@ with gradient g at step t:
     v  <- beta2 * v + (1 - beta2) * g^2
     p  <- p - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
 
-The operations are ordered exactly as in `torch.optim.AdamW`'s single-tensor path, so the
-two agree bit for bit (tests/test_optim.py); the state lives in fp32 like the LoRA weights.
+Each line runs once over *all* parameters (`torch._foreach_*`: a few multi-tensor kernels
+per step instead of five launches per LoRA matrix, of which a 7B model has 448), in the
+order of `torch.optim.AdamW`'s multi-tensor path, so the two agree bit for bit
+(tests/test_optim.py); the state lives in fp32 like the LoRA weights.
 """
 
 import math
@@ -25,9 +27,10 @@ class AdamW(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
                 state = self.state[p]
                 if not state:
                     # The step count is a tensor so that state_dict() round-trips through
@@ -36,14 +39,19 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-                t = state["step"].item()
-                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad.float()
+            states = [self.state[p] for p in params]
+            m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            g = [p.grad.float() for p in params]
+            t = [s["step"].item() for s in states]
 
-                p.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                p.addcdiv_(m, denom, value=-lr / (1 - beta1**t))
+            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2**ti) for ti in t])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1**ti) for ti in t])
 
 
 def make_optimizer(name, params, lr, weight_decay):

@@ -6,16 +6,24 @@ import torch
 from rawqlora.optim import AdamW, LossScaler, lr_factor
 
 
-def test_adamw_equals_torch_adamw_over_several_steps():
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adamw_equals_torch_adamw_over_several_steps(foreach):
     # Same parameters, same gradient sequence. Our step does the operations of torch's
-    # single-tensor AdamW in the same order, so the results are bit-identical, weight decay included.
+    # multi-tensor AdamW in the same order, so the results are bit-identical, weight decay
+    # included (and equal to torch's single-tensor path too: the same arithmetic per element).
+    # The third parameter gets no gradient on odd steps: its step count, and so its bias
+    # correction, lags behind the others', as in torch.
     torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3))]
+    ours = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(3)),
+            torch.nn.Parameter(torch.randn(4, 2))]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    opt, ref_opt = AdamW(ours, **kw), torch.optim.AdamW(ref, foreach=False, **kw)
-    for _ in range(6):
-        for p, q in zip(ours, ref):
+    opt, ref_opt = AdamW(ours, **kw), torch.optim.AdamW(ref, foreach=foreach, **kw)
+    for step in range(6):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            if i == 2 and step % 2:
+                p.grad = q.grad = None
+                continue
             g = torch.randn_like(p)
             p.grad, q.grad = g.clone(), g.clone()
         opt.step()
