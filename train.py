@@ -94,6 +94,8 @@ class TrainConfig:
     max_steps: int = -1  # optimizer steps; overrides epochs when > 0
     grad_ckpt: bool = True  # recompute each decoder layer in backward: activations dominate QLoRA memory
     offload_activations: bool = False  # park checkpointed layer inputs in host memory (7B, 16k tokens: -4 GiB GPU; costs PCIe time)
+    mlp_chunk: int = 0  # >0: run each MLP this many tokens at a time, recomputed per chunk (very long sequences; costs one more MLP forward)
+    attention: str = "sdpa"  # sdpa|flex_attention|eager; flex (CUDA) never builds a seq x seq mask, which sdpa needs past a sliding window (Mistral: 4096)
     fused_kernels: bool = True  # RMSNorm and SwiGLU with their backward written out (rawqlora/fused.py), compiled on CUDA
     auto_batch: bool = False  # CUDA: lower --batch-size to the largest that fits, raising --grad-accum to keep the effective batch
     seed: int = 42
@@ -119,6 +121,7 @@ CHOICES = {
     "optim": ["auto", "adamw", "paged_adamw", "paged_adamw_8bit"],
     "schedule": ["constant", "linear", "cosine"],
     "device": ["auto", "cpu", "cuda"],
+    "attention": ["sdpa", "flex_attention", "eager"],
 }
 
 
@@ -208,6 +211,8 @@ def validate(cfg):
         raise BadInput("--lora-dropout and --eval-split must be in [0, 1)")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if cfg.mlp_chunk < 0 or (cfg.mlp_chunk and not cfg.grad_ckpt):
+        raise BadInput(f"--mlp-chunk must be >= 0 and goes with --grad-ckpt (it chunks the checkpointed MLPs), got {cfg.mlp_chunk}")
     if cfg.resume and cfg.overwrite:
         raise BadInput("--resume and --overwrite contradict each other: pick one")
 
@@ -225,6 +230,7 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
         trust_remote_code=cfg.trust_remote_code,
     )
     model.config.use_cache = False  # no KV cache while training: it only costs memory
+    model.set_attn_implementation(cfg.attention)
     if resume_from:  # the checkpoint's adapter config says where LoRA goes; its weights replace the fresh init
         wrapped = lora.load_adapter(model, resume_from)
     else:
@@ -234,7 +240,7 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
     if cfg.fused_kernels:
         fused.enable(model)
     if cfg.grad_ckpt:
-        grad_ckpt.enable(model.get_decoder().layers, offload=cfg.offload_activations)
+        grad_ckpt.enable(model.get_decoder().layers, offload=cfg.offload_activations, mlp_chunk=cfg.mlp_chunk)
     return model, wrapped, modules_to_save
 
 
@@ -449,6 +455,8 @@ def train(cfg):
         cfg.optim = "paged_adamw" if device.type == "cuda" else "adamw"
     if cfg.dtype == "auto":
         cfg.dtype = "bf16" if device.type == "cuda" else "fp32"
+    if cfg.attention == "flex_attention" and device.type != "cuda":
+        raise BadInput("--attention flex_attention needs a CUDA GPU (it is compiled to Triton); use sdpa on the CPU")
     if cfg.optim.startswith("paged") and device.type != "cuda":
         raise BadInput(f"--optim {cfg.optim} needs a CUDA GPU (paged memory); use --optim adamw on the CPU")
     if cfg.dtype == "fp16" and device.type != "cuda":

@@ -72,17 +72,18 @@ def load_seed_stack(path, dropout):
                                             task_type="CAUSAL_LM"))
 
 
-def load_rawqlora(path, dropout, offload=False, fused_kernels=True):
+def load_rawqlora(path, dropout, offload=False, fused_kernels=True, attention="sdpa", mlp_chunk=0):
     """As train.py builds it: 4-bit base, LoRA, fused norms/SwiGLU, checkpointed layers."""
     import lora
     import quant
     from rawqlora import fused, grad_ckpt
 
     model = quant.load_model(path, quant="nf4", double_quant=True, compute_dtype=torch.bfloat16, device="cuda")
+    model.set_attn_implementation(attention)
     lora.inject(model, TARGETS, r=16, alpha=16, dropout=dropout)
     if fused_kernels:
         fused.enable(model)
-    grad_ckpt.enable(model.get_decoder().layers, offload=offload)
+    grad_ckpt.enable(model.get_decoder().layers, offload=offload, mlp_chunk=mlp_chunk)
     model.train()
     return model
 
@@ -145,18 +146,20 @@ def worker(args):
         model = load_seed_stack(args.model_dir, args.dropout)
     else:  # "rawqlora", or "rawqlora-offload" with activations parked in host memory
         model = load_rawqlora(args.model_dir, args.dropout, offload=args.system == "rawqlora-offload",
-                              fused_kernels=not args.no_fused)
+                              fused_kernels=not args.no_fused, attention=args.attention, mlp_chunk=args.mlp_chunk)
     torch.cuda.synchronize()
     load_s, load_gib = time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
     result = dict(system=args.system, seq=args.seq, batch=args.batch, dropout=args.dropout,
-                  **({} if args.system == "seed-stack" else dict(optim=args.optim, fused=not args.no_fused)),
+                  **({} if args.system == "seed-stack" else dict(optim=args.optim, fused=not args.no_fused,
+                                                                    attention=args.attention, mlp_chunk=args.mlp_chunk)),
                   load_s=load_s, load_peak_gib=load_gib)
     steps = seed_stack_steps if args.system == "seed-stack" else \
         lambda *a: rawqlora_steps(*a, optim=args.optim)
     if args.decode:
         result["decode_tok_s"] = decode_speed(model, args.system)
     elif args.max_seq:
-        result["max_seq_24gib"] = longest_sequence(model, args.system, steps)
+        lengths = [int(n) for n in args.max_seq_lengths.split(",") if n]
+        result["max_seq_24gib"] = longest_sequence(model, args.system, steps, args.max_seq_from, lengths)
     else:
         torch.cuda.reset_peak_memory_stats()
         times = steps(model, args.seq, args.batch, args.warmup + args.steps)[args.warmup :]
@@ -205,23 +208,41 @@ def decode_speed(model, system, new_tokens=128):
     return n / elapsed
 
 
-def longest_sequence(model, system, steps):
-    """Longest batch-1 sequence (doubling, then bisecting to 2k) whose training step fits in 24 GiB."""
+def longest_sequence(model, system, steps, start=2048, lengths=()):
+    """Longest batch-1 sequence whose training step fits in 24 GiB: doubling from `start`, then
+    bisecting to 2k or 1/16 of it; or, given `lengths`, the last of them (ascending) that fits."""
     limit = 24 * 2**30
     torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
 
     def fits(seq):
+        t = time.perf_counter()
         try:
             torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
             steps(model, seq, 1, 1)
-            return True
+            ok = True
         except torch.cuda.OutOfMemoryError:
-            return False
+            ok = False
+        # Offloaded runs park activations in pinned host memory, which torch caches; each probe
+        # is longer than the last, so without this the cache of every earlier probe stays
+        # pinned (at 160k tokens the host ran out: 40 GiB per probe). Private API, hence the getattr.
+        empty_host_cache = getattr(torch._C, "_host_emptyCache", None) or torch._C._accelerator_emptyHostCache
+        empty_host_cache()
+        print(f"probe {system} seq {seq}: {'fits' if ok else 'OOM'}, peak {torch.cuda.max_memory_allocated() / 2**30:.2f}"
+              f" GiB, {time.perf_counter() - t:.0f}s", flush=True)
+        return ok
 
-    lo, hi = 0, 2048
+    if lengths:
+        best = 0
+        for seq in sorted(lengths):
+            if not fits(seq):
+                break
+            best = seq
+        return best
+    lo, hi = 0, start
     while fits(hi) and hi < 2**20:
         lo, hi = hi, hi * 2
-    while hi - lo > 2048:
+    while hi - lo > max(2048, lo // 16):
         mid = (lo + hi) // 2 // 2048 * 2048
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return lo
@@ -233,15 +254,19 @@ def longest_sequence(model, system, steps):
 def run_worker(system, seq, batch, model_dir, ns, max_seq=False, decode=False):
     cmd = [sys.executable, __file__, "--worker", "--system", system, "--seq", str(seq), "--batch", str(batch),
            "--model-dir", str(model_dir), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
-           "--dropout", str(ns.dropout), "--optim", ns.optim] + (["--no-fused"] if ns.no_fused else []) \
+           "--dropout", str(ns.dropout), "--optim", ns.optim, "--attention", ns.attention,
+           "--mlp-chunk", str(ns.mlp_chunk), "--max-seq-from", str(ns.max_seq_from),
+           "--max-seq-lengths", ns.max_seq_lengths] + (["--no-fused"] if ns.no_fused else []) \
         + (["--max-seq"] if max_seq else []) + (["--decode"] if decode else []) \
         + (["--profile", f"{ns.profile}.{system}.{seq}x{batch}.txt"] if ns.profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
+        if line.startswith("probe "):
+            print(line, flush=True)
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (proc.stdout + proc.stderr)[-3000:]
-    print(f"worker {system} {seq}x{batch} failed:\n{tail}", file=sys.stderr)
+    print(f"worker {system} {seq}x{batch} failed (exit code {proc.returncode}):\n{tail}", file=sys.stderr)
     return dict(system=system, seq=seq, batch=batch, error=tail[-500:])
 
 
@@ -269,7 +294,12 @@ def main():
     p.add_argument("--optim", default="paged_adamw", help="rawqlora's optimizer: paged_adamw (train.py's default on "
                    "CUDA, like the stack's) or adamw (ours, multi-tensor, state counted in peak memory)")
     p.add_argument("--no-fused", action="store_true", help="rawqlora without rawqlora/fused.py (eager norms/SwiGLU)")
+    p.add_argument("--attention", default="sdpa", help="rawqlora's attention: sdpa or flex_attention (train.py --attention)")
+    p.add_argument("--mlp-chunk", type=int, default=0, help="rawqlora's MLP token chunk (train.py --mlp-chunk)")
     p.add_argument("--max-seq", action="store_true", help="also find the longest batch-1 sequence within 24 GiB")
+    p.add_argument("--max-seq-from", type=int, default=2048, help="first length the --max-seq doubling tries")
+    p.add_argument("--max-seq-lengths", default="", help="instead of searching, try these lengths (ascending) "
+                   "and report the last that fits")
     p.add_argument("--decode", action="store_true", help="also measure batch-1 decode tokens/s of both systems")
     p.add_argument("--profile", default="", help="write a torch.profiler table of one rawqlora step to this file")
     p.add_argument("--out", default=str(REPO / "bench" / "results.json"))

@@ -45,6 +45,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False  # True while B·A·scaling is added into base_layer.weight
+        # Set by inject for layers that read the same input as a sibling (q/k/v, gate/up):
+        # backward then keeps that one input, not a dropped-out copy each (lora/function.py).
+        self.shared_input = False
 
     def forward(self, x):
         if self.merged:  # the update is already inside W
@@ -73,7 +76,7 @@ class LoRALinear(nn.Module):
             dtype = self.base_layer.weight.dtype
         dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
-                                        dropout, dtype)
+                                        dropout, dtype, self.shared_input)
 
     def delta_weight(self):
         """scaling · B @ A, shape [out, in], fp32: what merging adds to the base weight."""

@@ -146,6 +146,9 @@ BAD_INPUTS = [
     ("targets-match-nothing", "", "train", T + " --targets nope_proj", "match no module"),
     ("targets-regex-nothing", "", "train", T + " --targets .*nope.*", "fully matches no module"),
     ("auto-batch-on-cpu", "", "train", T + " --auto-batch", "needs CUDA"),
+    ("flex-on-cpu", "", "train", T + " --attention flex_attention", "needs a CUDA GPU"),
+    ("mlp-chunk-negative", "", "train", T + " --mlp-chunk -1", "--mlp-chunk must be >= 0"),
+    ("mlp-chunk-without-ckpt", "", "train", T + " --mlp-chunk 64 --no-grad-ckpt", "goes with --grad-ckpt"),
     ("resume-and-overwrite", "", "train", T + " --resume", "contradict"),
     # train.py: the output directory
     ("out-exists", "", "train", "--model {model} --data {data} --out {old}", "exists and is not empty"),
