@@ -25,6 +25,8 @@ Why by hand rather than autograd over `base(x) + B(A(dropout(x))) * s`:
     pass): one saved tensor for the three instead of three dropped-out copies. At 16k
     tokens on a 7B model the two save 1 GiB. Other layers keep x_d: rebuilding it would
     cost the pass and save nothing.
+  * `output_needed=False` (a checkpoint's recompute of the MLP's last projection, whose
+    output nobody reads) runs only what backward saves: dropout and `a`, no W GEMM.
 
 Everything runs in the compute dtype (the autocast dtype, else the base's dtype); A and B
 stay fp32 master weights and are cast for the products, as autocast would do. Dropout goes
@@ -48,12 +50,15 @@ def dense_weight(base, dtype):
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling, dropout, dtype, shared_input=False):
+    def forward(ctx, x, lora_a, lora_b, base, scaling, dropout, dtype, shared_input=False, output_needed=True):
         shape, x_dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            bias = None if base.bias is None else base.bias.to(dtype)
-            y = torch.nn.functional.linear(x, dense_weight(base, dtype), bias)
+            if output_needed:
+                bias = None if base.bias is None else base.bias.to(dtype)
+                y = torch.nn.functional.linear(x, dense_weight(base, dtype), bias)
+            else:  # a recompute that only needs the saved tensors: zeros, no memory, no GEMM
+                y = x.new_zeros(()).expand(x.shape[0], base.out_features)
             mask = None
             if dropout > 0:
                 x_d, mask = torch.native_dropout(x, dropout, True)
@@ -62,7 +67,8 @@ class LoRALinearFunction(torch.autograd.Function):
                 x_d = x
             a_w, b_w = lora_a.to(dtype), lora_b.to(dtype)
             a = x_d @ a_w.t()
-            y.addmm_(a, b_w.t(), alpha=scaling)
+            if output_needed:
+                y.addmm_(a, b_w.t(), alpha=scaling)
         ctx.rebuild_x_d = mask is not None and shared_input
         ctx.save_for_backward(x if ctx.rebuild_x_d else x_d, mask, a, lora_a, lora_b)
         ctx.base, ctx.scaling, ctx.dropout, ctx.dtype = base, scaling, dropout, dtype
@@ -89,4 +95,4 @@ class LoRALinearFunction(torch.autograd.Function):
                 else:  # one fused pass: dx += (g_a A) * m / q
                     kernel(add_masked_, dx.device)(dx, g_a @ a_w, mask, 1 / keep)
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
-        return dx, d_a, d_b, None, None, None, None, None
+        return dx, d_a, d_b, None, None, None, None, None, None

@@ -49,7 +49,7 @@ class LoRALinear(nn.Module):
         # backward then keeps that one input, not a dropped-out copy each (lora/function.py).
         self.shared_input = False
 
-    def forward(self, x):
+    def forward(self, x, output_needed=True):
         if self.merged:  # the update is already inside W
             return self.base_layer(x)
         if not (self.training or torch.is_grad_enabled()):
@@ -76,7 +76,7 @@ class LoRALinear(nn.Module):
             dtype = self.base_layer.weight.dtype
         dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
-                                        dropout, dtype, self.shared_input)
+                                        dropout, dtype, self.shared_input, output_needed)
 
     def delta_weight(self):
         """scaling · B @ A, shape [out, in], fp32: what merging adds to the base weight."""

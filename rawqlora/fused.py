@@ -35,6 +35,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from rawqlora.grad_ckpt import is_recomputing
+
 # RMSNorm classes whose forward is `w * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`.
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
 
@@ -162,7 +164,13 @@ def _fused_mlp_forward(mlp):
     def forward(x):
         if not (mlp.training or torch.is_grad_enabled()):
             return plain(x)
-        return mlp.down_proj(SwiGLUFunction.apply(mlp.gate_proj(x), mlp.up_proj(x)))
+        h = SwiGLUFunction.apply(mlp.gate_proj(x), mlp.up_proj(x))
+        if is_recomputing() and hasattr(mlp.down_proj, "lora_A"):
+            # In these decoder layers the MLP's output only feeds the residual add, which is
+            # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
+            # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
+            return mlp.down_proj(h, output_needed=False)
+        return mlp.down_proj(h)
 
     return forward
 

@@ -24,6 +24,27 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
+_recomputing = False
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Marks a checkpoint's recompute: outputs are rebuilt only for what backward saves."""
+    global _recomputing
+    previous, _recomputing = _recomputing, True
+    try:
+        yield
+    finally:
+        _recomputing = previous
+
+
+def is_recomputing():
+    """True inside a layer's recompute. There the layer's output is never read (backward
+    needs only the saved tensors), so a layer may skip work whose only use is that output:
+    rawqlora/fused.py skips the MLP's last projection."""
+    return _recomputing
+
+
 def random_state(device):
     """The generators a recompute must replay: the CPU's, and the device's on CUDA."""
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -119,7 +140,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx, dy):
         x = ctx.parked.fetch().requires_grad_(ctx.needs_input_grad[0])
         with replayed_random_state(ctx.rng, ctx.device):
-            with torch.enable_grad():
+            with torch.enable_grad(), recomputing():
                 y = ctx.run_layer(x)
             torch.autograd.backward(y, dy)
         return (x.grad, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
@@ -157,7 +178,7 @@ class ChunkedMLP(torch.autograd.Function):
         dx = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
         for i, start in enumerate(range(0, flat.shape[0], ctx.chunk)):
             part = flat[start : start + ctx.chunk].detach().requires_grad_(dx is not None)
-            with replayed_random_state(ctx.rng[i], x.device), torch.enable_grad():
+            with replayed_random_state(ctx.rng[i], x.device), torch.enable_grad(), recomputing():
                 y = ctx.mlp_forward(part)
             torch.autograd.backward(y, dy[start : start + ctx.chunk])
             if dx is not None:
@@ -204,6 +225,7 @@ def enable(layers, offload=False, mlp_chunk=0):
                 params = [p for p in _layer.parameters() if p.requires_grad]
                 return OffloadedCheckpoint.apply(
                     hidden_states, lambda x: _layer._plain_forward(x, *args, **kwargs), parking, _index, *params)
-            return checkpoint(_layer._plain_forward, hidden_states, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_layer._plain_forward, hidden_states, *args, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), recomputing()), **kwargs)
 
         layer.forward = forward

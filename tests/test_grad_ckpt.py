@@ -2,16 +2,19 @@ import pytest
 import torch
 
 import lora
-from rawqlora import grad_ckpt
+import lora.function
+from rawqlora import fused, grad_ckpt
 from rawqlora.loss import causal_lm_loss
-from rawqlora.tiny import tiny_model
+from rawqlora.tiny import tiny_config, tiny_model
 
 
-def lora_grads(offload, checkpointing, dropout, mlp_chunk=0):
+def lora_grads(offload, checkpointing, dropout, mlp_chunk=0, fused_kernels=False):
     model = tiny_model("llama", 101, seed=0)
     lora.inject(model, "all-linear", r=4, alpha=8, dropout=dropout)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)  # B = 0 would zero every A-gradient
+    if fused_kernels:
+        fused.enable(model, compile=False)
     if checkpointing:
         grad_ckpt.enable(model.get_decoder().layers, offload=offload, mlp_chunk=mlp_chunk)
     elif mlp_chunk:
@@ -55,6 +58,26 @@ def test_chunked_mlp_gradients(offload):
     both = lora_grads(offload=offload, checkpointing=True, dropout=0.1, mlp_chunk=5)
     for k in alone:
         torch.testing.assert_close(both[k], alone[k], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("mlp_chunk", [0, 5])
+@pytest.mark.parametrize("offload", [False, True])
+def test_recompute_skips_the_mlp_output_projection(offload, mlp_chunk, monkeypatch):
+    # With the fused MLP, a recompute runs down_proj for its saved tensors only: its base
+    # weight is used twice per layer (forward, backward), not three times, and the
+    # gradients are unchanged, dropout included.
+    uses = []
+    real = lora.function.dense_weight
+    monkeypatch.setattr(lora.function, "dense_weight", lambda base, dtype: uses.append(base) or real(base, dtype))
+    plain = lora_grads(offload=False, checkpointing=False, dropout=0.1, mlp_chunk=mlp_chunk)
+    uses.clear()
+    ckpt = lora_grads(offload=offload, checkpointing=True, dropout=0.1, mlp_chunk=mlp_chunk, fused_kernels=True)
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-7)
+    config = tiny_config("llama", 101)
+    down = [b for b in uses if b.in_features == config.intermediate_size]
+    chunks = 1 if mlp_chunk == 0 else 6  # 26 tokens in chunks of 5
+    assert len(down) == 2 * config.num_hidden_layers * chunks
 
 
 def test_offload_two_forwards_then_one_backward():
