@@ -26,8 +26,8 @@ Written out, each is one function of its inputs:
 On CUDA each function here is compiled with torch.compile into one fused kernel;
 elsewhere (and with compile=False) the same Python runs eagerly. tests/test_fused.py checks
 both against transformers' modules. Only the norms and MLPs whose math is exactly the
-above are replaced (`FUSABLE_NORMS`, `silu` MLPs with gate/up/down projections); others,
-such as Gemma's (1 + w) norm, keep their own forward.
+above are replaced (`FUSABLE_NORMS`, `FUSABLE_MLPS` with a SiLU); others, such as Gemma's
+(1 + w) norm, keep their own forward.
 """
 
 import math
@@ -39,6 +39,9 @@ from rawqlora.grad_ckpt import is_recomputing
 
 # RMSNorm classes whose forward is `w * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`.
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
+# MLP classes of the form `down_proj(act(gate_proj(x)) * up_proj(x))` (act checked to be SiLU)
+# whose decoder layers add the MLP's output straight into the residual stream.
+FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 
 
 def rms_norm_forward(x, weight, eps):
@@ -176,8 +179,10 @@ def _fused_mlp_forward(mlp):
 
 
 def is_swiglu_mlp(module):
-    """`down(silu(gate(x)) * up(x))`: Llama, Mistral, Qwen2 (transformers' own SiLU class or torch's)."""
-    return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+    """`down(silu(gate(x)) * up(x))` in a decoder layer whose MLP output only feeds the residual
+    add. Named classes only: a look-alike elsewhere (OLMo-2 normalises the MLP's output, so its
+    backward reads it) must keep its own forward, or the recompute shortcut would be wrong."""
+    return (type(module).__name__ in FUSABLE_MLPS
             and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
 
 

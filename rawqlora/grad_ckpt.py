@@ -15,6 +15,11 @@ Two ways, the same gradients:
     layers in reverse, so the next input needed is always known). Written as a small
     autograd function because PyTorch's checkpoint keeps its inputs by reference, where no
     saved-tensor hook can move them.
+
+Two refinements: at long sequences a layer's MLP can also be recomputed token chunk by token
+chunk (`ChunkedMLP`, `mlp_chunk`), so its wide intermediates never exist for the whole
+sequence; and a recompute runs inside `recomputing()`, which lets a layer skip work whose
+only use is the (never read) layer output.
 """
 
 import contextlib

@@ -152,3 +152,16 @@ def test_dropout_mask_round_trips_through_bits(shape):
     packed = fused.pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(fused.unpack_mask(packed, mask.shape), mask)
+
+
+def test_look_alike_mlps_are_left_alone():
+    # Same attribute names and activation, but not a class known to feed the residual add
+    # directly (e.g. OLMo-2 normalises the MLP's output): its forward must stay its own.
+    class OtherMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = (torch.nn.Linear(8, 8) for _ in range(3))
+            self.act_fn = torch.nn.SiLU()
+
+    mlp = OtherMLP()
+    assert fused.enable(mlp, compile=False) == 0 and "forward" not in vars(mlp)
