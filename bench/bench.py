@@ -2,11 +2,15 @@
 
     python bench/bench.py                          # Mistral-7B-shaped model, rows 512x16, 2048x4, 2048x8
     python bench/bench.py --layers 2 --rows 512x2  # a quick smoke run
+    python bench/bench.py --rows "" --max-seq --decode   # longest sequence in 24 GiB; batch-1 decode
+    python bench/bench.py --rows "" --systems rawqlora-offload --max-seq \
+        --attention flex_attention --mlp-chunk 8192   # rawqlora's long-sequence setup
 
 The seeds' stack: transformers + bitsandbytes + PEFT + HF Trainer, paged_adamw_32bit,
 gradient checkpointing, bf16, the model loaded with BitsAndBytesConfig(nf4, double quant,
 bf16 compute) and prepare_model_for_kbit_training. rawqlora: quant.load_model + lora.inject
-+ train.py's step. Both: a randomly initialised `MistralConfig()` model (built once, saved
++ fused.enable + grad_ckpt.enable + train.py's step, as train.py builds it on CUDA
+("rawqlora-offload": --offload-activations). Both: a randomly initialised `MistralConfig()` model (built once, saved
 to /dev/shm), LoRA r=16, alpha=16 on q,k,v,o,gate,up,down, random tokens with no padding,
 the median step time after warm-up. Each (system, row) runs in its own process so that
 peak-memory readings do not mix.
