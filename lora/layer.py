@@ -19,6 +19,7 @@ from torch import nn
 
 from lora.function import LoRALinearFunction
 from rawqlora.errors import BadInput
+from rawqlora.fused import is_inference
 
 
 class LoRALinear(nn.Module):
@@ -52,12 +53,10 @@ class LoRALinear(nn.Module):
     def forward(self, x, output_needed=True):
         if self.merged:  # the update is already inside W
             return self.base_layer(x)
-        if not (self.training or torch.is_grad_enabled()):
-            # Inference (eval mode, no gradients: generation): the formula as written, so a
-            # 4-bit base runs bitsandbytes' own kernels (a fused 4-bit GEMV at batch 1, where
-            # dequantizing all of W per token, as the training path does, would be 5x slower).
-            # A training-mode pass without gradients (the first pass of an offloaded
-            # checkpoint) stays on the training path: same kernels, same numbers as its recompute.
+        if is_inference(self):
+            # Generation: the formula as written, so a 4-bit base runs bitsandbytes' own
+            # kernels (a fused 4-bit GEMV at batch 1, where dequantizing all of W per token,
+            # as the training path does, would be 5x slower).
             lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
             result = self.base_layer(x)
             return result + (lora * self.scaling).to(result.dtype)

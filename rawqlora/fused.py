@@ -150,11 +150,19 @@ class SwiGLUFunction(torch.autograd.Function):
 # bound forward changes, and only for training (the no-grad first pass of a checkpointed layer
 # included); inference, in eval mode without gradients, keeps the model's own.
 # ------------------------------------------------------------------------------------------
+def is_inference(module):
+    """Eval mode without gradients (generation): the model's own forward and bitsandbytes'
+    inference kernels. A training-mode pass without gradients (the first pass of an offloaded
+    checkpoint) is not inference: it must compute exactly what its recompute will. LoRALinear
+    decides its path with this too, so the two never disagree."""
+    return not (module.training or torch.is_grad_enabled())
+
+
 def _fused_norm_forward(norm):
     plain = norm.forward
 
     def forward(hidden_states):
-        if not (norm.training or torch.is_grad_enabled()):
+        if is_inference(norm):
             return plain(hidden_states)
         return RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
 
@@ -165,7 +173,7 @@ def _fused_mlp_forward(mlp):
     plain = mlp.forward
 
     def forward(x):
-        if not (mlp.training or torch.is_grad_enabled()):
+        if is_inference(mlp):
             return plain(x)
         h = SwiGLUFunction.apply(mlp.gate_proj(x), mlp.up_proj(x))
         if is_recomputing() and hasattr(mlp.down_proj, "lora_A"):

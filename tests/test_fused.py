@@ -100,16 +100,24 @@ def test_fused_model_gradients_equal_plain(arch):
         torch.testing.assert_close(fast[k], plain[k], rtol=1e-5, atol=1e-7)
 
 
-def test_inference_keeps_the_models_own_forward():
+def test_inference_keeps_the_models_own_forward(monkeypatch):
     norm, mlp = norm_and_mlp(torch.float32)
     holder = torch.nn.ModuleDict(dict(norm=norm, mlp=mlp))
     holder.eval()
     before = copy.deepcopy(holder)
     fused.enable(holder, compile=False)
     x = torch.randn(2, 5, norm.weight.shape[0])
-    with torch.no_grad():
+    used = []
+    for fn in (fused.RMSNormFunction, fused.SwiGLUFunction):
+        monkeypatch.setattr(fn, "apply", lambda *a, _fn=fn.apply: used.append(1) or _fn(*a))
+    with torch.no_grad():  # eval, no gradients: the model's own forward
         assert torch.equal(holder.mlp(holder.norm(x)), before.mlp(before.norm(x)))
         assert holder.state_dict().keys() == before.state_dict().keys()
+    assert not used
+    holder.train()
+    with torch.no_grad():  # training mode without gradients (a checkpoint's first pass): fused
+        holder.mlp(holder.norm(x))
+    assert len(used) == 2
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
