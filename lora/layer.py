@@ -17,6 +17,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
+from lora import kernels
 from lora.function import LoRALinearFunction
 from rawqlora.errors import BadInput
 from rawqlora.fused import is_inference
@@ -49,6 +50,8 @@ class LoRALinear(nn.Module):
         # Set by inject for layers that read the same input as a sibling (q/k/v, gate/up):
         # backward then keeps that one input, not a dropped-out copy each (lora/function.py).
         self.shared_input = False
+        # Set by rawqlora.fused.enable: on CUDA, dropout inside the Triton kernels of lora/kernels.py.
+        self.fused_dropout = False
 
     def forward(self, x, output_needed=True):
         if self.merged:  # the update is already inside W
@@ -74,8 +77,9 @@ class LoRALinear(nn.Module):
         else:
             dtype = self.base_layer.weight.dtype
         dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        fused_dropout = self.fused_dropout and kernels.available(x.device)
         return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
-                                        dropout, dtype, self.shared_input, output_needed)
+                                        dropout, dtype, self.shared_input, output_needed, fused_dropout)
 
     def delta_weight(self):
         """scaling · B @ A, shape [out, in], fp32: what merging adds to the base weight."""

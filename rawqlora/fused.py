@@ -1,5 +1,5 @@
-"""RMSNorm and the SwiGLU gate as autograd functions with their backward written out, and
-LoRA dropout masks kept as bits.
+"""RMSNorm, the SwiGLU gate and rotary embeddings as autograd functions with their backward
+written out, and LoRA dropout masks kept as bits.
 
 Why: in a 4-bit LoRA step the matrix products already run near the GPU's peak; what is left
 is memory-bound elementwise work, and the largest share of it sits in the model's own
@@ -19,6 +19,11 @@ Written out, each is one function of its inputs:
                dg = dy ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))
       saves    g and u, not silu(g)
 
+    Rotary     y  = x ⊙ cos + rot(x) ⊙ sin,   rot(x) = (−x₂, x₁) for x's two halves
+      backward dx = dy ⊙ cos − rot(dy ⊙ sin)                  (rot's transpose is −rot)
+      saves    cos and sin, shared by all layers: one kernel for q and k instead of eight
+               eager passes (mul, negate, concatenate, mul, add, for each) and their backward
+
     Dropout mask  kept for backward as 1 bit per element (packed 8 to a byte), not as a bool
                byte: 7/8 of the masks' memory, 0.5 GiB at 16k tokens on a 7B model. Unpacking
                fuses into the kernel that applies the mask.
@@ -26,11 +31,13 @@ Written out, each is one function of its inputs:
 On CUDA each function here is compiled with torch.compile into one fused kernel;
 elsewhere (and with compile=False) the same Python runs eagerly. tests/test_fused.py checks
 both against transformers' modules. Only the norms and MLPs whose math is exactly the
-above are replaced (`FUSABLE_NORMS`, `FUSABLE_MLPS` with a SiLU); others, such as Gemma's
-(1 + w) norm, keep their own forward.
+above are replaced (`FUSABLE_NORMS`, `FUSABLE_MLPS` with a SiLU, `FUSABLE_ATTENTIONS`);
+others, such as Gemma's (1 + w) norm, keep their own forward.
 """
 
+import contextvars
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,9 @@ FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNo
 # MLP classes of the form `down_proj(act(gate_proj(x)) * up_proj(x))` (act checked to be SiLU)
 # whose decoder layers add the MLP's output straight into the residual stream.
 FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+# Attention classes whose forward calls their modeling module's global
+# `apply_rotary_pos_emb(q, k, cos, sin)`, written as the Rotary formula above.
+FUSABLE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "MixtralAttention", "Qwen2Attention")
 
 
 def rms_norm_forward(x, weight, eps):
@@ -66,6 +76,19 @@ def swiglu_backward(dy, gate, up):
     d_up = d * g * sig
     d_gate = d * u * sig * (1 + g * (1 - sig))
     return d_gate.to(gate.dtype), d_up.to(up.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_forward(q, k, cos, sin):
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotary_backward(dq, dk, cos, sin):
+    return dq * cos - rotate_half(dq * sin), dk * cos - rotate_half(dk * sin)
 
 
 def pack_mask(mask):
@@ -145,6 +168,29 @@ class SwiGLUFunction(torch.autograd.Function):
             return kernel(swiglu_backward, gate.device)(dy, gate, up)
 
 
+class RotaryFunction(torch.autograd.Function):
+    """q, k [batch, heads, seq, head_dim] rotated; cos, sin [batch, 1, seq, head_dim].
+
+    The kernels see every tensor with dims 1 and 2 swapped: q and k are views of the
+    projections' [batch, seq, heads, head_dim] output, so in that order they are contiguous
+    and the compiled kernel reads them in order (as given, it ran 6x slower on an H100).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        with torch.autocast(q.device.type, enabled=False):
+            q_out, k_out = kernel(rotary_forward, q.device)(*(t.transpose(1, 2) for t in (q, k, cos, sin)))
+        ctx.save_for_backward(cos, sin)
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        with torch.autocast(dq.device.type, enabled=False):
+            dq, dk = kernel(rotary_backward, dq.device)(*(t.transpose(1, 2) for t in (dq, dk, cos, sin)))
+        return dq.transpose(1, 2), dk.transpose(1, 2), None, None
+
+
 # ------------------------------------------------------------------------------------------
 # Swapping them in: the modules keep their names, parameters and state dict; only the
 # bound forward changes, and only for training (the no-grad first pass of a checkpointed layer
@@ -186,6 +232,43 @@ def _fused_mlp_forward(mlp):
     return forward
 
 
+# Rotary embedding is a module-level function that the attention forward looks up by name, so
+# the fused one goes in there: once per modeling module, as a dispatcher that runs
+# transformers' own function unless a fused attention's forward is on the stack (this flag).
+# Every other model, and inference, keeps the plain function.
+_rotary_fused_here = contextvars.ContextVar("rotary_fused_here", default=False)
+
+
+def _install_rotary_dispatch(modeling):
+    plain = modeling.apply_rotary_pos_emb
+    if getattr(plain, "rawqlora_plain", None) is not None:
+        return
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if not _rotary_fused_here.get():
+            return plain(q, k, cos, sin, unsqueeze_dim)
+        return RotaryFunction.apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
+
+    apply_rotary_pos_emb.rawqlora_plain = plain
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def _fused_attention_forward(attention):
+    plain = attention.forward
+    _install_rotary_dispatch(sys.modules[type(attention).__module__])
+
+    def forward(*args, **kwargs):
+        if is_inference(attention):
+            return plain(*args, **kwargs)
+        token = _rotary_fused_here.set(True)
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            _rotary_fused_here.reset(token)
+
+    return forward
+
+
 def is_swiglu_mlp(module):
     """`down(silu(gate(x)) * up(x))` in a decoder layer whose MLP output only feeds the residual
     add. Named classes only: a look-alike elsewhere (OLMo-2 normalises the MLP's output, so its
@@ -195,18 +278,25 @@ def is_swiglu_mlp(module):
 
 
 def enable(model, compile=True):
-    """Route every fusable RMSNorm and SwiGLU MLP of `model` through the functions above.
+    """Route every fusable RMSNorm, SwiGLU MLP and attention's rotary embedding of `model`
+    through the functions above.
 
+    Also turns on LoRA layers' fused dropout (lora/kernels.py; Triton, so CUDA only).
     Returns how many modules were swapped. `compile=False` keeps the eager path on CUDA too.
     """
     global COMPILE_ON_CUDA
     COMPILE_ON_CUDA = compile
     swapped = 0
     for module in model.modules():
+        if hasattr(module, "fused_dropout"):  # a LoRALinear (lora/ imports this module, not the reverse)
+            module.fused_dropout = compile
+            continue
         if type(module).__name__ in FUSABLE_NORMS:
             module.forward = _fused_norm_forward(module)
         elif is_swiglu_mlp(module):
             module.forward = _fused_mlp_forward(module)
+        elif type(module).__name__ in FUSABLE_ATTENTIONS:
+            module.forward = _fused_attention_forward(module)
         else:
             continue
         swapped += 1

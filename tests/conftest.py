@@ -3,10 +3,18 @@
 Everything is seeded, so a failing test fails the same way on every run.
 """
 
-import pytest
+import os
+
 import torch
 
-from rawqlora.tiny import tiny_model, train_tokenizer
+if not torch.cuda.is_available():
+    # Triton's CPU interpreter, for tests/test_lora_kernels.py. Read when a kernel is defined,
+    # so set before anything imports Triton (transformers, bitsandbytes and peft all do).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rawqlora.tiny import tiny_model, train_tokenizer  # noqa: E402
 
 ARCHS = ["llama", "mistral", "qwen2", "mixtral"]
 

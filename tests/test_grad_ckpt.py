@@ -8,20 +8,23 @@ from rawqlora.loss import causal_lm_loss
 from rawqlora.tiny import tiny_config, tiny_model
 
 
-def lora_grads(offload, checkpointing, dropout, mlp_chunk=0, fused_kernels=False):
-    model = tiny_model("llama", 101, seed=0)
+def lora_grads(offload, checkpointing, dropout, mlp_chunk=0, fused_kernels=False, fused_dropout=False,
+               device="cpu"):
+    model = tiny_model("llama", 101, seed=0).to(device)
     lora.inject(model, "all-linear", r=4, alpha=8, dropout=dropout)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)  # B = 0 would zero every A-gradient
     if fused_kernels:
         fused.enable(model, compile=False)
+    for m in lora.lora_modules(model).values():
+        m.fused_dropout = fused_dropout  # lora/kernels.py's path (tests/test_lora_kernels.py)
     if checkpointing:
         grad_ckpt.enable(model.get_decoder().layers, offload=offload, mlp_chunk=mlp_chunk)
     elif mlp_chunk:
         for layer in model.get_decoder().layers:
             grad_ckpt.chunk_mlp(layer.mlp, mlp_chunk)
     model.train()
-    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(1)).to(device)
     torch.manual_seed(7)  # the same dropout masks for every variant
     total, n = causal_lm_loss(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state, model.lm_head, ids)
     (total / n).backward()

@@ -1,0 +1,132 @@
+"""lora/kernels.py: the fused-dropout Triton kernels against the plain formulas, with the masks
+rebuilt here from the hash the module documents.
+
+Without a GPU the kernels run in Triton's CPU interpreter (conftest.py turns it on), which
+executes the same kernel code with NumPy: block loops, masks and hashing included, so a wrong
+index, offset or hash fails here. On a GPU they run for real.
+"""
+
+import pytest
+import torch
+
+import lora
+import lora.function
+from lora import kernels
+from rawqlora import fused, grad_ckpt
+from test_grad_ckpt import lora_grads
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# fp32 end to end: the interpreter's products are fp32 (reordering only: 1e-5); on a GPU the
+# kernels' products are tf32 (A rounded to 10 bits: ~5e-4 per product, less over a sum).
+FP32_BOUND = 2e-3 if DEVICE.type == "cuda" else 1e-5
+UINT32 = 0xFFFFFFFF
+
+
+def mul32(h, c):
+    """h · c mod 2³² for int64 tensors h < 2³² (split so the product never overflows int64)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & UINT32
+
+
+def fmix32(h):
+    h = h ^ (h >> 16)
+    h = mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(seed, rows, cols, p):
+    """The module docstring's mask, in int64 PyTorch."""
+    row_h = fmix32(torch.arange(rows) ^ fmix32(torch.tensor(seed)))
+    return fmix32(row_h[:, None] ^ mul32(torch.arange(cols), 0x9E3779B1)[None, :]) >= kernels.keep_threshold(p)
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_this_device(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda device: True)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# Rows and columns off the 64-blocks, a rank under 16 (padded for tl.dot) and one over it,
+# more rows than one backward program walks (1024), so several partial dA are summed.
+@pytest.mark.parametrize("n,k,r,p", [(150, 96, 4, 0.3), (1100, 64, 24, 0.05), (7, 200, 16, 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_equal_plain_formulas(n, k, r, p, dtype):
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    lora_a = torch.randn(r, k, generator=g).to(DEVICE)
+    g_a = torch.randn(n, r, generator=g).to(DEVICE, dtype)
+    dx = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    seed = 12345 + n
+    m = keep_mask(seed, n, k, p).to(DEVICE)
+    x_d = x.double() * m / (1 - p)
+
+    a = kernels.dropout_a_forward(x, lora_a, seed, p)
+    dx_ref = dx.double() + (g_a.double() @ lora_a.double()) * m / (1 - p)
+    d_a = kernels.dropout_a_backward(x, g_a, lora_a, dx, seed, p)
+    # fp32: the interpreter's fp32 products (1e-6); on a GPU tf32 rounds A to 10 bits (5e-4).
+    # bf16: the outputs a and dx are rounded to bf16 (8 bits: 4e-3 per element).
+    bound = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert a.dtype == dtype and rel_err(a, x_d @ lora_a.double().t()) < bound
+    assert d_a.dtype == torch.float32 and rel_err(d_a, g_a.double().t() @ x_d) < 1e-3
+    assert dx.dtype == dtype and rel_err(dx, dx_ref) < bound
+    # without dx (an input that needs no gradient) dA is the same
+    assert torch.equal(kernels.dropout_a_backward(x, g_a, lora_a, None, seed, p), d_a)
+
+
+def test_mask_statistics():
+    # 4M draws: keep-rate within 5 standard deviations of q; masks of two seeds, of
+    # neighbouring rows and of neighbouring columns agree at the independent rate q² + p².
+    p, q = 0.05, 0.95
+    m1, m2 = keep_mask(1, 2048, 2048, p).float(), keep_mask(2, 2048, 2048, p).float()
+    sd = (p * q / m1.numel()) ** 0.5
+    assert abs(m1.mean() - q) < 5 * sd and abs(m2.mean() - q) < 5 * sd
+    agree = q * q + p * p
+    for a, b in [(m1, m2), (m1[1:], m1[:-1]), (m1[:, 1:], m1[:, :-1])]:
+        assert abs((a == b).float().mean() - agree) < 5 * (agree * (1 - agree) / a.numel()) ** 0.5
+
+
+def test_layer_with_fused_dropout_equals_plain_autograd():
+    # The whole LoRA layer through the kernels against autograd over the formula as written,
+    # dropout applied with the mask the layer's seed gives.
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40).to(DEVICE)
+    layer = lora.LoRALinear(base, r=8, alpha=16, dropout=0.2)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    layer.fused_dropout = True
+    x = torch.randn(3, 11, 48, device=DEVICE, requires_grad=True)
+    dy = torch.randn(3, 11, 40, device=DEVICE)
+
+    torch.manual_seed(5)
+    y = layer(x)
+    y.backward(dy)
+    got = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.lora_B.weight)]
+
+    torch.manual_seed(5)  # the layer draws its seed from the CPU generator first thing
+    seed = int(torch.randint(2**31, ()))
+    m = keep_mask(seed, 33, 48, 0.2).to(DEVICE).reshape(3, 11, 48)
+    for t in (x, layer.lora_A.weight, layer.lora_B.weight):
+        t.grad = None
+    ref = base(x) + layer.lora_B(layer.lora_A(x * m / 0.8)) * layer.scaling
+    ref.backward(dy)
+    assert rel_err(y, ref) < FP32_BOUND
+    for g, t in zip(got, (x, layer.lora_A.weight, layer.lora_B.weight)):
+        assert rel_err(g, t.grad) < FP32_BOUND
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_checkpoint_recompute_regenerates_the_mask(offload, monkeypatch):
+    # The recompute must draw the same seed, hence the same mask: checkpointed gradients
+    # equal un-checkpointed ones with fused dropout on (and the kernels must have run).
+    calls = []
+    forward = kernels.dropout_a_forward
+    monkeypatch.setattr(kernels, "dropout_a_forward", lambda *a: calls.append(1) or forward(*a))
+    run = dict(dropout=0.1, fused_kernels=True, fused_dropout=True, device=DEVICE)
+    plain = lora_grads(offload=False, checkpointing=False, **run)
+    ckpt = lora_grads(offload=offload, checkpointing=True, **run)
+    assert calls and plain.keys() == ckpt.keys()
+    for name in plain:  # the same products in the same order: only accumulation order differs
+        assert rel_err(ckpt[name], plain[name]) < 1e-5, name
