@@ -119,7 +119,7 @@ def seed_stack_steps(model, seq, batch, n):
     return times
 
 
-def rawqlora_steps(model, seq, batch, n, optim="paged_adamw"):
+def rawqlora_steps(model, seq, batch, n, optim="adamw"):
     import train
     from rawqlora.optim import make_optimizer
 
@@ -295,8 +295,8 @@ def main():
     p.add_argument("--steps", type=int, default=6, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--optim", default="paged_adamw", help="rawqlora's optimizer: paged_adamw (train.py's default on "
-                   "CUDA, like the stack's) or adamw (ours, multi-tensor, state counted in peak memory)")
+    p.add_argument("--optim", default="adamw", help="rawqlora's optimizer: adamw (train.py's default: ours, "
+                   "multi-tensor, state counted in peak memory) or paged_adamw (the stack's)")
     p.add_argument("--no-fused", action="store_true", help="rawqlora without rawqlora/fused.py (eager norms/SwiGLU)")
     p.add_argument("--attention", default="sdpa", help="rawqlora's attention: sdpa or flex_attention (train.py --attention)")
     p.add_argument("--mlp-chunk", type=int, default=0, help="rawqlora's MLP token chunk (train.py --mlp-chunk)")

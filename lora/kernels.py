@@ -17,10 +17,15 @@ column), recomputed wherever it is needed, so
 and backward keeps only x and an integer seed.
 
 The mask, in uint32 arithmetic, fmix32 being MurmurHash3's finalizer (a bijection whose every
-input bit flips each output bit with probability ~1/2):
+input bit flips each output bit with probability ~1/2). One hash serves two neighbouring
+columns, 16 bits each: the hash's integer multiplies, not memory, bounded these kernels.
 
     row_h = fmix32(row ^ fmix32(seed))
-    keep  = fmix32(row_h ^ column · 0x9E3779B1) ≥ round(p · 2³²)
+    h     = fmix32(row_h ^ (column // 2) · 0x9E3779B1)
+    keep  = (low 16 bits of h for even columns, high 16 for odd) ≥ t,   t = round(p · 2¹⁶)
+
+so the drop rate is t / 2¹⁶ (p to within 8e-6) and kept values are scaled by 2¹⁶ / (2¹⁶ − t),
+the exact inverse of the keep rate: x_d is unbiased.
 
 One seed per call, drawn from torch's CPU generator, which a checkpoint's recompute replays:
 the recompute regenerates the same mask. The keep-rate is q and the bits are independent in
@@ -35,20 +40,17 @@ against the formulas above in plain PyTorch, with the masks rebuilt from the has
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only torch builds ship without Triton; the plain path runs there
-    triton = None
-
-
-def available(device):
-    return triton is not None and device.type == "cuda"
+from rawqlora.triton_support import tl, triton
 
 
 def keep_threshold(p):
-    """keep ⇔ hash ≥ this: a fraction p of the 2³² hash values drop."""
-    return min(round(p * 2**32), 2**32 - 1)
+    """keep ⇔ 16 hash bits ≥ this: a fraction ≈ p of the 2¹⁶ values drop."""
+    return min(round(p * 2**16), 2**16 - 1)
+
+
+def keep_scale(p):
+    """1 / the exact keep rate that `keep_threshold(p)` gives."""
+    return 2**16 / (2**16 - keep_threshold(p))
 
 
 # Tiles of x, BN rows x BK columns (fp32 in registers). Each backward program walks ROWS rows
@@ -56,7 +58,7 @@ def keep_threshold(p):
 # host sums (no atomics: the sum is deterministic). Sizes from a sweep on an H100 at 16k tokens
 # (bench/RESULTS.md).
 FORWARD_TILE = dict(BN=64, BK=128, num_warps=4)
-BACKWARD_TILE = dict(BN=32, BK=128, ROWS=1024, num_warps=4)
+BACKWARD_TILE = dict(BN=32, BK=256, ROWS=1024, num_warps=4)
 
 
 def _padded_rank(r):
@@ -70,7 +72,7 @@ def dropout_a_forward(x, lora_a, seed, p):
     r = lora_a.shape[0]
     a = torch.empty(n, r, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(n, FORWARD_TILE["BN"]),)
-    _forward_kernel[grid](x, lora_a.contiguous(), a, n, seed, keep_threshold(p), 1 / (1 - p),
+    _forward_kernel[grid](x, lora_a.contiguous(), a, n, seed, keep_threshold(p), keep_scale(p),
                           K=k, R=r, R_PAD=_padded_rank(r), **FORWARD_TILE)
     return a
 
@@ -84,7 +86,7 @@ def dropout_a_backward(x, g_a, lora_a, dx, seed, p):
     partial = torch.empty(splits, r, k, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(k, BACKWARD_TILE["BK"]), splits)
     _backward_kernel[grid](x, g_a, lora_a.contiguous(), x if dx is None else dx, partial, n, seed,
-                           keep_threshold(p), 1 / (1 - p), K=k, R=r, R_PAD=_padded_rank(r),
+                           keep_threshold(p), keep_scale(p), K=k, R=r, R_PAD=_padded_rank(r),
                            HAS_DX=dx is not None, **BACKWARD_TILE)
     return partial.sum(0)
 
@@ -101,12 +103,15 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _keep(rows, cols, seed, threshold):
-        """The [rows, cols] block of the mask (see the module docstring)."""
+    def _keep(rows, col0, seed, threshold, BN: tl.constexpr, BK: tl.constexpr):
+        """The mask's block of `rows` x columns col0 .. col0 + BK (col0 even; module docstring)."""
         seed_h = _fmix32(seed.to(tl.uint32))
         row_h = _fmix32(rows.to(tl.uint32) ^ seed_h)
-        h = _fmix32(row_h[:, None] ^ (cols.to(tl.uint32) * 0x9E3779B1)[None, :])
-        return h >= threshold.to(tl.uint32)
+        pairs = col0 // 2 + tl.arange(0, BK // 2)
+        h = _fmix32(row_h[:, None] ^ (pairs.to(tl.uint32) * 0x9E3779B1)[None, :])
+        t = threshold.to(tl.uint32)
+        # join puts (low, high) side by side: reshaped, pair j lands on columns 2j and 2j + 1
+        return tl.reshape(tl.join((h & 0xFFFF) >= t, (h >> 16) >= t), (BN, BK))
 
     @triton.jit
     def _forward_kernel(x_ptr, a_ptr, out_ptr, n_rows, seed, threshold, scale,
@@ -118,7 +123,7 @@ if triton is not None:
             cols = k0 + tl.arange(0, BK)
             inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
             x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=inside, other=0.0)
-            x = tl.where(_keep(rows, cols, seed, threshold), x.to(tl.float32), 0.0)
+            x = tl.where(_keep(rows, k0, seed, threshold, BN, BK), x.to(tl.float32), 0.0)
             a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],  # Aᵀ block [BK, R_PAD]
                           mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
             acc += tl.dot(x, a_t.to(tl.float32))
@@ -130,7 +135,8 @@ if triton is not None:
     def _backward_kernel(x_ptr, ga_ptr, a_ptr, dx_ptr, partial_ptr, n_rows, seed, threshold, scale,
                          K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
                          BK: tl.constexpr, ROWS: tl.constexpr, HAS_DX: tl.constexpr):
-        cols = tl.program_id(0) * BK + tl.arange(0, BK)
+        col0 = tl.program_id(0) * BK
+        cols = col0 + tl.arange(0, BK)
         split = tl.program_id(1)
         ranks = tl.arange(0, R_PAD)
         a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :],  # A block [R_PAD, BK]
@@ -140,7 +146,7 @@ if triton is not None:
             rows = split * ROWS + r0 + tl.arange(0, BN)
             inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
             offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
-            keep = _keep(rows, cols, seed, threshold)
+            keep = _keep(rows, col0, seed, threshold, BN, BK)
             g_a = tl.load(ga_ptr + rows.to(tl.int64)[:, None] * R + ranks[None, :],
                           mask=(rows[:, None] < n_rows) & (ranks[None, :] < R), other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)

@@ -17,8 +17,8 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from lora import kernels
 from lora.function import LoRALinearFunction
+from rawqlora import triton_support
 from rawqlora.errors import BadInput
 from rawqlora.fused import is_inference
 
@@ -77,7 +77,7 @@ class LoRALinear(nn.Module):
         else:
             dtype = self.base_layer.weight.dtype
         dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        fused_dropout = self.fused_dropout and kernels.available(x.device)
+        fused_dropout = self.fused_dropout and triton_support.available(x.device)
         return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
                                         dropout, dtype, self.shared_input, output_needed, fused_dropout)
 

@@ -28,8 +28,9 @@ Written out, each is one function of its inputs:
                byte: 7/8 of the masks' memory, 0.5 GiB at 16k tokens on a 7B model. Unpacking
                fuses into the kernel that applies the mask.
 
-On CUDA each function here is compiled with torch.compile into one fused kernel;
-elsewhere (and with compile=False) the same Python runs eagerly. tests/test_fused.py checks
+On CUDA each function here is compiled with torch.compile into one fused kernel (rotary:
+a Triton kernel by hand, rawqlora/rotary_kernel.py); elsewhere (and with compile=False) the
+same Python runs eagerly. tests/test_fused.py checks
 both against transformers' modules. Only the norms and MLPs whose math is exactly the
 above are replaced (`FUSABLE_NORMS`, `FUSABLE_MLPS` with a SiLU, `FUSABLE_ATTENTIONS`);
 others, such as Gemma's (1 + w) norm, keep their own forward.
@@ -42,6 +43,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from rawqlora import rotary_kernel, triton_support
 from rawqlora.grad_ckpt import is_recomputing
 
 # RMSNorm classes whose forward is `w * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`.
@@ -171,24 +173,29 @@ class SwiGLUFunction(torch.autograd.Function):
 class RotaryFunction(torch.autograd.Function):
     """q, k [batch, heads, seq, head_dim] rotated; cos, sin [batch, 1, seq, head_dim].
 
-    The kernels see every tensor with dims 1 and 2 swapped: q and k are views of the
-    projections' [batch, seq, heads, head_dim] output, so in that order they are contiguous
-    and the compiled kernel reads them in order (as given, it ran 6x slower on an H100).
+    On CUDA a hand-written Triton kernel (rawqlora/rotary_kernel.py: torch.compile's ran at
+    30% of the bandwidth on these transposed views), elsewhere the functions above.
     """
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         with torch.autocast(q.device.type, enabled=False):
-            q_out, k_out = kernel(rotary_forward, q.device)(*(t.transpose(1, 2) for t in (q, k, cos, sin)))
+            if COMPILE_ON_CUDA and triton_support.available(q.device):
+                q_out, k_out = rotary_kernel.rotate(q, cos, sin), rotary_kernel.rotate(k, cos, sin)
+            else:
+                q_out, k_out = rotary_forward(q, k, cos, sin)
         ctx.save_for_backward(cos, sin)
-        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+        return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         with torch.autocast(dq.device.type, enabled=False):
-            dq, dk = kernel(rotary_backward, dq.device)(*(t.transpose(1, 2) for t in (dq, dk, cos, sin)))
-        return dq.transpose(1, 2), dk.transpose(1, 2), None, None
+            if COMPILE_ON_CUDA and triton_support.available(dq.device):
+                dq, dk = (rotary_kernel.rotate(t, cos, sin, backward=True) for t in (dq, dk))
+            else:
+                dq, dk = rotary_backward(dq, dk, cos, sin)
+        return dq, dk, None, None
 
 
 # ------------------------------------------------------------------------------------------

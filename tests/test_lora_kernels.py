@@ -12,7 +12,7 @@ import torch
 import lora
 import lora.function
 from lora import kernels
-from rawqlora import fused, grad_ckpt
+from rawqlora import triton_support
 from test_grad_ckpt import lora_grads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,12 +38,20 @@ def fmix32(h):
 def keep_mask(seed, rows, cols, p):
     """The module docstring's mask, in int64 PyTorch."""
     row_h = fmix32(torch.arange(rows) ^ fmix32(torch.tensor(seed)))
-    return fmix32(row_h[:, None] ^ mul32(torch.arange(cols), 0x9E3779B1)[None, :]) >= kernels.keep_threshold(p)
+    column = torch.arange(cols)
+    h = fmix32(row_h[:, None] ^ mul32(column // 2, 0x9E3779B1)[None, :])
+    bits = torch.where(column % 2 == 0, h & 0xFFFF, h >> 16)
+    return bits >= round(p * 2**16)
+
+
+def keep_scale(p):
+    """1 / the mask's exact keep rate."""
+    return 2**16 / (2**16 - round(p * 2**16))
 
 
 @pytest.fixture(autouse=True)
 def kernels_on_this_device(monkeypatch):
-    monkeypatch.setattr(kernels, "available", lambda device: True)
+    monkeypatch.setattr(triton_support, "available", lambda device: True)
 
 
 def rel_err(out, ref):
@@ -62,10 +70,10 @@ def test_kernels_equal_plain_formulas(n, k, r, p, dtype):
     dx = torch.randn(n, k, generator=g).to(DEVICE, dtype)
     seed = 12345 + n
     m = keep_mask(seed, n, k, p).to(DEVICE)
-    x_d = x.double() * m / (1 - p)
+    x_d = x.double() * m * keep_scale(p)
 
     a = kernels.dropout_a_forward(x, lora_a, seed, p)
-    dx_ref = dx.double() + (g_a.double() @ lora_a.double()) * m / (1 - p)
+    dx_ref = dx.double() + (g_a.double() @ lora_a.double()) * m * keep_scale(p)
     d_a = kernels.dropout_a_backward(x, g_a, lora_a, dx, seed, p)
     # fp32: the interpreter's fp32 products (1e-6); on a GPU tf32 rounds A to 10 bits (5e-4).
     # bf16: the outputs a and dx are rounded to bf16 (8 bits: 4e-3 per element).
@@ -79,13 +87,14 @@ def test_kernels_equal_plain_formulas(n, k, r, p, dtype):
 
 def test_mask_statistics():
     # 4M draws: keep-rate within 5 standard deviations of q; masks of two seeds, of
-    # neighbouring rows and of neighbouring columns agree at the independent rate q² + p².
+    # neighbouring rows, of neighbouring columns and of the two columns that share a hash
+    # agree at the independent rate q² + p².
     p, q = 0.05, 0.95
     m1, m2 = keep_mask(1, 2048, 2048, p).float(), keep_mask(2, 2048, 2048, p).float()
     sd = (p * q / m1.numel()) ** 0.5
     assert abs(m1.mean() - q) < 5 * sd and abs(m2.mean() - q) < 5 * sd
     agree = q * q + p * p
-    for a, b in [(m1, m2), (m1[1:], m1[:-1]), (m1[:, 1:], m1[:, :-1])]:
+    for a, b in [(m1, m2), (m1[1:], m1[:-1]), (m1[:, 1:], m1[:, :-1]), (m1[:, 0::2], m1[:, 1::2])]:
         assert abs((a == b).float().mean() - agree) < 5 * (agree * (1 - agree) / a.numel()) ** 0.5
 
 
@@ -110,7 +119,7 @@ def test_layer_with_fused_dropout_equals_plain_autograd():
     m = keep_mask(seed, 33, 48, 0.2).to(DEVICE).reshape(3, 11, 48)
     for t in (x, layer.lora_A.weight, layer.lora_B.weight):
         t.grad = None
-    ref = base(x) + layer.lora_B(layer.lora_A(x * m / 0.8)) * layer.scaling
+    ref = base(x) + layer.lora_B(layer.lora_A(x * m * keep_scale(0.2))) * layer.scaling
     ref.backward(dy)
     assert rel_err(y, ref) < FP32_BOUND
     for g, t in zip(got, (x, layer.lora_A.weight, layer.lora_B.weight)):
