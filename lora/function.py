@@ -6,7 +6,7 @@ trainable A [r, in], B [out, r], dropout mask m with keep-probability q = 1 - p:
     forward    x_d = x * m / q                      (x_d = x when p = 0)
                a   = x_d Aᵀ                         [N, r]
                y   = x Wᵀ + bias + a (s B)ᵀ         the LoRA term, then the GEMM adds onto it
-    backward   g_a = s · dy B                       [N, r]
+    backward   g_a = dy (s B)                       [N, r]
                dB  = s · dyᵀ a                      [out, r]
                dA  = g_aᵀ x_d                       [r, in]
                dx  = dy W + (g_a A) * m / q         W dequantized again: never stored
@@ -60,7 +60,6 @@ class LoRALinearFunction(torch.autograd.Function):
         x = x.reshape(-1, shape[-1]).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             mask, ctx.seed = None, None
-            a_w, b_w = lora_a.to(dtype), lora_b.to(dtype)
             if dropout > 0 and fused_dropout:
                 # One seed per call from the CPU generator: a recompute replays it, so the same mask.
                 ctx.seed = int(torch.randint(2**31, ()))
@@ -71,7 +70,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     mask = kernel(pack_mask, x.device)(mask)
                 else:
                     x_d = x
-                a = x_d @ a_w.t()
+                a = x_d @ lora_a.to(dtype).t()
             if output_needed:
                 # The LoRA term first, then the base GEMM adds onto it (beta = 1): its epilogue
                 # reads the term while the tensor cores work, where adding it afterwards would
@@ -93,14 +92,14 @@ class LoRALinearFunction(torch.autograd.Function):
         dtype, s, keep = ctx.dtype, ctx.scaling, 1 - ctx.dropout
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)
         with torch.autocast(dy.device.type, enabled=False):
-            a_w, b_w = lora_a.to(dtype), lora_b.to(dtype)
-            g_a = (dy @ b_w).mul_(s)
+            g_a = dy @ (lora_b * s).to(dtype)
             d_b = (dy.t() @ a).mul_(s).to(lora_b.dtype)
             if ctx.seed is not None:  # one kernel: dA, and the masked LoRA term into dx
                 dx = dy @ dense_weight(ctx.base, dtype) if ctx.needs_input_grad[0] else None
                 d_a = kernels.dropout_a_backward(x_or_x_d, g_a, lora_a, dx, ctx.seed, ctx.dropout)
                 d_a = d_a.to(lora_a.dtype)
             else:
+                a_w = lora_a.to(dtype)
                 x_d = kernel(apply_mask, dy.device)(x_or_x_d, mask, 1 / keep) if ctx.rebuild_x_d else x_or_x_d
                 d_a = (g_a.t() @ x_d).to(lora_a.dtype)
                 del x_d
