@@ -21,7 +21,6 @@ with the context (device, versions, command, date) that results.json records.
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys

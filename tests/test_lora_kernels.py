@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import lora
-import lora.function
 from lora import kernels
 from rawqlora import triton_support
 from test_grad_ckpt import lora_grads
