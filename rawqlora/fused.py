@@ -122,11 +122,11 @@ def add_masked_(out, t, packed, scale):
 
 
 _compiled = {}  # fn -> its torch.compile'd version
-COMPILE_ON_CUDA = True  # enable(compile=False) turns it off
+COMPILE_ON_CUDA = False  # enable() turns it on: without it (--no-fused-kernels) everything runs eager
 
 
 def kernel(fn, device):
-    """`fn` as it runs on `device`: compiled on CUDA (unless turned off), else itself."""
+    """`fn` as it runs on `device`: compiled on CUDA once `enable()` has run, else itself."""
     if not (COMPILE_ON_CUDA and device.type == "cuda"):
         return fn
     if fn not in _compiled:
