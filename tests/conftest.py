@@ -8,8 +8,9 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    # Triton's CPU interpreter, for tests/test_lora_kernels.py. Read when a kernel is defined,
-    # so set before anything imports Triton (transformers, bitsandbytes and peft all do).
+    # Triton's CPU interpreter, for the Triton kernels' tests (test_lora_kernels.py, test_fused.py).
+    # Read when a kernel is defined, so set before anything imports Triton (transformers,
+    # bitsandbytes and peft all do).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
