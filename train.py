@@ -83,7 +83,7 @@ class TrainConfig:
 
     # optimization
     # adamw (rawqlora/optim.py: multi-tensor, a few kernels a step)|paged_adamw|paged_adamw_8bit
-    # (bitsandbytes, CUDA: state in unified memory; 0.3 GiB saved on a 7B model, 3% slower there)
+    # (bitsandbytes, CUDA: state in unified memory; 0.3 GiB saved on a 7B model, 1-3% slower there)
     optim: str = "adamw"
     lr: float = 2e-4  # peak learning rate: QLoRA's value for 7B-13B models
     weight_decay: float = 0.0  # LoRA's low rank already regularises; QLoRA uses 0

@@ -16,6 +16,7 @@ import triton.testing
 
 import lora
 from lora import kernels
+from rawqlora import fused
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
           "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
@@ -27,6 +28,7 @@ def layer(n_in, n_out, dropout, fused_dropout):
                                     quant_type="nf4")
     module = lora.LoRALinear(base.cuda(), r=16, alpha=16, dropout=dropout).cuda()
     torch.nn.init.normal_(module.lora_B.weight, std=0.02)
+    fused.enable(module)  # as train.py: the plain path's mask kernels compiled too
     module.fused_dropout = fused_dropout
     return module
 

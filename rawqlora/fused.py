@@ -125,6 +125,11 @@ _compiled = {}  # fn -> its torch.compile'd version
 COMPILE_ON_CUDA = False  # enable() turns it on: without it (--no-fused-kernels) everything runs eager
 
 
+def triton_kernels_on(device):
+    """The hand-written Triton kernels run on `device`: enable() has run and Triton is there."""
+    return COMPILE_ON_CUDA and triton_support.available(device)
+
+
 def kernel(fn, device):
     """`fn` as it runs on `device`: compiled on CUDA once `enable()` has run, else itself."""
     if not (COMPILE_ON_CUDA and device.type == "cuda"):
@@ -180,7 +185,7 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         with torch.autocast(q.device.type, enabled=False):
-            if COMPILE_ON_CUDA and triton_support.available(q.device):
+            if triton_kernels_on(q.device):
                 q_out, k_out = rotary_kernel.rotate(q, cos, sin), rotary_kernel.rotate(k, cos, sin)
             else:
                 q_out, k_out = rotary_forward(q, k, cos, sin)
@@ -191,7 +196,7 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         with torch.autocast(dq.device.type, enabled=False):
-            if COMPILE_ON_CUDA and triton_support.available(dq.device):
+            if triton_kernels_on(dq.device):
                 dq, dk = (rotary_kernel.rotate(t, cos, sin, backward=True) for t in (dq, dk))
             else:
                 dq, dk = rotary_backward(dq, dk, cos, sin)

@@ -11,17 +11,12 @@ with gradient g at step t:
 Each line runs once over *all* parameters (`torch._foreach_*`: a few multi-tensor kernels
 per step instead of five launches per LoRA matrix, of which a 7B model has 448), in the
 order of `torch.optim.AdamW`'s multi-tensor path, so the two agree bit for bit
-(tests/test_optim.py); the state lives in fp32 like the LoRA weights. The lines run over
-chunks of `CHUNK` parameters: the denominator is a temporary the size of what it covers, and
-over all of a 7B model's LoRA weights it would add 0.16 GiB to the step's peak memory.
+(tests/test_optim.py); the state lives in fp32 like the LoRA weights.
 """
 
 import math
 
 import torch
-
-
-CHUNK = 32  # parameters per multi-tensor pass
 
 
 class AdamW(torch.optim.Optimizer):
@@ -44,21 +39,19 @@ class AdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
-            for i in range(0, len(params), CHUNK):
-                p = params[i : i + CHUNK]
-                states = [self.state[q] for q in p]
-                m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-                g = [q.grad.float() for q in p]
-                t = [s["step"].item() for s in states]
+            states = [self.state[p] for p in params]
+            m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            g = [p.grad.float() for p in params]
+            t = [s["step"].item() for s in states]
 
-                torch._foreach_mul_(p, 1 - lr * wd)
-                torch._foreach_lerp_(m, g, 1 - beta1)
-                torch._foreach_mul_(v, beta2)
-                torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-                denom = torch._foreach_sqrt(v)
-                torch._foreach_div_(denom, [math.sqrt(1 - beta2**ti) for ti in t])
-                torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(p, m, denom, [-lr / (1 - beta1**ti) for ti in t])
+            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - beta2**ti) for ti in t])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, [-lr / (1 - beta1**ti) for ti in t])
 
 
 def make_optimizer(name, params, lr, weight_decay):
