@@ -181,7 +181,7 @@ def profile(steps, model, args):
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         steps(model, args.seq, args.batch, 1)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=60)
     Path(args.profile).write_text(table)
 
 

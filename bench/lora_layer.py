@@ -1,4 +1,5 @@
-"""One LoRA layer's forward + backward, plain dropout path against the fused Triton kernels.
+"""One LoRA layer's forward + backward, plain dropout path against the fused Triton kernels;
+and the siblings (q/k/v, gate/up) one by one against together (lora/siblings.py).
 
     python bench/lora_layer.py [--tokens 16384] [--dropout 0.05]
 
@@ -15,7 +16,7 @@ import torch
 import triton.testing
 
 import lora
-from lora import kernels
+from lora import kernels, siblings
 from rawqlora import fused
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
@@ -33,11 +34,12 @@ def layer(n_in, n_out, dropout, fused_dropout):
     return module
 
 
-def step_ms(module, x, dy):
+def step_ms(forward, x, dys):
+    """Median ms of forward(x) + backward with upstream gradients dys (one per output)."""
     def run():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = module(x)
-        y.backward(dy)
+            ys = forward(x)
+        torch.autograd.backward(ys, dys)
     return triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
 
 
@@ -69,11 +71,21 @@ def main():
         torch.manual_seed(0)
         x = torch.randn(args.tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(args.tokens, n_out, device="cuda", dtype=torch.bfloat16)
-        times = [step_ms(layer(n_in, n_out, args.dropout, fused).train(), x, dy) for fused in (False, True)]
+        times = [step_ms(layer(n_in, n_out, args.dropout, fused).train(), x, [dy]) for fused in (False, True)]
         total = [t + s for t, s in zip(total, times)]
         print(f"{name:<10} {times[0]:9.3f} {times[1]:9.3f} {times[0] - times[1]:7.3f}")
     print(f"{'per layer':<10} {total[0]:9.3f} {total[1]:9.3f} {total[0] - total[1]:7.3f}"
           f"   x32 layers: {32 * (total[0] - total[1]):.0f} ms saved per step")
+    print(f"{'siblings':<15} {'one by one ms':>13} {'together ms':>12}")
+    for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        torch.manual_seed(0)
+        n_in = SHAPES[names[0]][0]
+        x = torch.randn(args.tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dys = [torch.randn(args.tokens, SHAPES[n][1], device="cuda", dtype=torch.bfloat16) for n in names]
+        group = [layer(*SHAPES[n], args.dropout, True).train() for n in names]
+        times = [step_ms(lambda t: [m(t) for m in group], x, dys),
+                 step_ms(lambda t: siblings.run_together(group, t), x, dys)]
+        print(f"{'/'.join(n.split('_')[0] for n in names):<15} {times[0]:13.3f} {times[1]:12.3f}")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,11 @@ so the drop rate is t / 2¹⁶ (p to within 8e-6) and kept values are scaled by 
 the exact inverse of the keep rate: x_d is unbiased.
 
 One seed per call, drawn from torch's CPU generator, which a checkpoint's recompute replays:
-the recompute regenerates the same mask. The keep-rate is q and the bits are independent in
-practice (tests/test_lora_kernels.py measures both), but they are not torch's random numbers,
-so for one seed the masks differ from PEFT's, which the plain path reproduces exactly.
+the recompute regenerates the same mask. Adapters that share an input and run as one
+(lora/siblings.py) take seeds seed, seed + 1, ...: fmix32 scatters neighbouring seeds. The
+keep-rate is q and the bits are independent in practice, neighbouring seeds' masks included
+(tests/test_lora_kernels.py measures both), but they are not torch's random numbers, so for
+one seed the masks differ from PEFT's, which the plain path reproduces exactly.
 
 Products run in fp32 on the tensor cores (tf32): x and g_a are bf16, so exact in tf32; A is
 rounded to tf32 (10 mantissa bits, finer than the bf16 the plain path casts it to).
@@ -54,41 +56,58 @@ def keep_scale(p):
 
 
 # Tiles of x, BN rows x BK columns (fp32 in registers). Each backward program walks ROWS rows
-# of one column block, keeping its slice of dA in registers, and writes one partial dA that the
-# host sums (no atomics: the sum is deterministic). Sizes from a sweep on an H100 at 16k tokens
-# (bench/RESULTS.md).
+# of one column block, keeping its members' slices of A and dA in registers, and writes one
+# partial dA per member that the host sums (no atomics: the sum is deterministic). Backward
+# tiles by member count: each member adds two [R, BK] blocks of registers. Sizes from sweeps on
+# an H100 at 16k tokens (bench/kernel_tiles.py, bench/RESULTS.md).
 FORWARD_TILE = dict(BN=64, BK=128, num_warps=4)
-BACKWARD_TILE = dict(BN=32, BK=256, ROWS=1024, num_warps=4)
+BACKWARD_TILE = {1: dict(BN=32, BK=256, ROWS=1024, num_warps=4),
+                 2: dict(BN=32, BK=128, ROWS=1024, num_warps=4),
+                 3: dict(BN=32, BK=128, ROWS=1024, num_warps=4)}
 
 
 def _padded_rank(r):
     return max(16, triton.next_power_of_2(r))  # tl.dot wants dimensions of 16 or more
 
 
-def dropout_a_forward(x, lora_a, seed, p):
-    """a = (x ⊙ m / q) Aᵀ for x [N, in] (any float dtype), A [r, in]; returns a in x's dtype."""
+def dropout_a_forward(x, lora_a, seed, p, members=1):
+    """a = (x ⊙ m / q) Aᵀ for x [N, in] (any float dtype), A [r, in]; returns a in x's dtype.
+
+    `members` > 1: A stacks that many adapters' A [r, in] over one input (lora/siblings.py),
+    member j with the mask of seed + j; a [N, members · r] holds their products side by side.
+    """
     x = x.contiguous()
     n, k = x.shape
-    r = lora_a.shape[0]
-    a = torch.empty(n, r, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, FORWARD_TILE["BN"]),)
+    r = lora_a.shape[0] // members
+    a = torch.empty(n, members * r, device=x.device, dtype=x.dtype)
+    # members on the fastest grid axis: the programs that read one block of x run together,
+    # so x comes from DRAM once and from L2 for the other members.
+    grid = (members, triton.cdiv(n, FORWARD_TILE["BN"]))
     _forward_kernel[grid](x, lora_a.contiguous(), a, n, seed, keep_threshold(p), keep_scale(p),
-                          K=k, R=r, R_PAD=_padded_rank(r), **FORWARD_TILE)
+                          K=k, R=r, R_PAD=_padded_rank(r), MEMBERS=members, **FORWARD_TILE)
     return a
 
 
-def dropout_a_backward(x, g_a, lora_a, dx, seed, p):
-    """dA = g_aᵀ (x ⊙ m / q) (fp32, [r, in]); dx += (g_a A) ⊙ m / q in place unless dx is None."""
+def dropout_a_backward(x, g_a, lora_a, dx, seed, p, members=1):
+    """dA = g_aᵀ (x ⊙ m / q) (fp32, [r, in]); dx += (g_a A) ⊙ m / q in place unless dx is None.
+
+    `members` (1 to 3) > 1: as in `dropout_a_forward`, g_a [N, members · r] and the returned
+    dA [members · r, in] side by side; dx receives every member's term, and x and dx are read
+    and dx written once for all of them.
+    """
+    if not 1 <= members <= 3:
+        raise ValueError(f"the backward kernel takes 1 to 3 adapters over one input, got {members}")
     x, g_a = x.contiguous(), g_a.contiguous()
     n, k = x.shape
-    r = lora_a.shape[0]
-    splits = triton.cdiv(n, BACKWARD_TILE["ROWS"])
-    partial = torch.empty(splits, r, k, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(k, BACKWARD_TILE["BK"]), splits)
+    r = lora_a.shape[0] // members
+    tile = BACKWARD_TILE[members]
+    splits = triton.cdiv(n, tile["ROWS"])
+    partial = torch.empty(members, splits, r, k, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(k, tile["BK"]), splits)
     _backward_kernel[grid](x, g_a, lora_a.contiguous(), x if dx is None else dx, partial, n, seed,
-                           keep_threshold(p), keep_scale(p), K=k, R=r, R_PAD=_padded_rank(r),
-                           HAS_DX=dx is not None, **BACKWARD_TILE)
-    return partial.sum(0)
+                           keep_threshold(p), keep_scale(p), K=k, R=r, R_PAD=_padded_rank(r), MEMBERS=members,
+                           HAS_DX=dx is not None, **tile)
+    return partial.sum(1).reshape(members * r, k)
 
 
 if triton is not None:
@@ -114,9 +133,13 @@ if triton is not None:
         return tl.reshape(tl.join((h & 0xFFFF) >= t, (h >> 16) >= t), (BN, BK))
 
     @triton.jit
-    def _forward_kernel(x_ptr, a_ptr, out_ptr, n_rows, seed, threshold, scale,
-                        K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+    def _forward_kernel(x_ptr, a_ptr, out_ptr, n_rows, seed, threshold, scale, K: tl.constexpr, R: tl.constexpr,
+                        R_PAD: tl.constexpr, MEMBERS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        member = tl.program_id(0)
+        seed += member
+        a_ptr += member * R * K
+        out_ptr += member * R
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
         ranks = tl.arange(0, R_PAD)
         acc = tl.zeros((BN, R_PAD), tl.float32)
         for k0 in range(0, K, BK):
@@ -128,32 +151,65 @@ if triton is not None:
                           mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
             acc += tl.dot(x, a_t.to(tl.float32))
         out = (acc * scale).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rows.to(tl.int64)[:, None] * R + ranks[None, :], out,
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * (MEMBERS * R) + ranks[None, :], out,
                  mask=(rows[:, None] < n_rows) & (ranks[None, :] < R))
 
     @triton.jit
+    def _member_backward(x, dx, d_a, a, ga_ptr, rows, col0, n_rows, seed, threshold, scale, member: tl.constexpr,
+                         MEMBERS: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, HAS_DX: tl.constexpr):
+        """Member `member`'s terms on one block of rows: d_a += g_aᵀ (x ⊙ m) (the 1/q comes at
+        the store) and dx += (g_a A) ⊙ m / q, both from one computation of its mask."""
+        ranks = tl.arange(0, R_PAD)
+        keep = _keep(rows, col0, seed + member, threshold, BN, BK)
+        g_a = tl.load(ga_ptr + rows.to(tl.int64)[:, None] * (MEMBERS * R) + member * R + ranks[None, :],
+                      mask=(rows[:, None] < n_rows) & (ranks[None, :] < R), other=0.0).to(tl.float32)
+        d_a += tl.dot(tl.trans(g_a), tl.where(keep, x, 0.0))
+        if HAS_DX:
+            dx += tl.where(keep, tl.dot(g_a, a), 0.0) * scale
+        return d_a, dx
+
+    @triton.jit
     def _backward_kernel(x_ptr, ga_ptr, a_ptr, dx_ptr, partial_ptr, n_rows, seed, threshold, scale,
-                         K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, ROWS: tl.constexpr, HAS_DX: tl.constexpr):
+                         K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, MEMBERS: tl.constexpr,
+                         BN: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, HAS_DX: tl.constexpr):
+        # Up to three members (q, k, v), each with its A block and dA accumulator in registers;
+        # the blocks of absent members are never used and compile away.
         col0 = tl.program_id(0) * BK
         cols = col0 + tl.arange(0, BK)
         split = tl.program_id(1)
         ranks = tl.arange(0, R_PAD)
-        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :],  # A block [R_PAD, BK]
-                    mask=(ranks[:, None] < R) & (cols[None, :] < K), other=0.0).to(tl.float32)
-        d_a = tl.zeros((R_PAD, BK), tl.float32)
+        a_block = a_ptr + ranks[:, None] * K + cols[None, :]
+        a_mask = (ranks[:, None] < R) & (cols[None, :] < K)
+        a0 = tl.load(a_block, mask=a_mask, other=0.0).to(tl.float32)
+        a1 = tl.load(a_block + R * K, mask=a_mask & (MEMBERS > 1), other=0.0).to(tl.float32)
+        a2 = tl.load(a_block + 2 * R * K, mask=a_mask & (MEMBERS > 2), other=0.0).to(tl.float32)
+        d_a0 = tl.zeros((R_PAD, BK), tl.float32)
+        d_a1 = tl.zeros((R_PAD, BK), tl.float32)
+        d_a2 = tl.zeros((R_PAD, BK), tl.float32)
         for r0 in range(0, ROWS, BN):
             rows = split * ROWS + r0 + tl.arange(0, BN)
             inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
             offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
-            keep = _keep(rows, col0, seed, threshold, BN, BK)
-            g_a = tl.load(ga_ptr + rows.to(tl.int64)[:, None] * R + ranks[None, :],
-                          mask=(rows[:, None] < n_rows) & (ranks[None, :] < R), other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            d_a += tl.dot(tl.trans(g_a), tl.where(keep, x, 0.0))
+            dx = tl.zeros((BN, BK), tl.float32)
             if HAS_DX:
                 dx = tl.load(dx_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-                dx += tl.where(keep, tl.dot(g_a, a), 0.0) * scale
+            d_a0, dx = _member_backward(x, dx, d_a0, a0, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 0,
+                                        MEMBERS, R, R_PAD, BN, BK, HAS_DX)
+            if MEMBERS > 1:
+                d_a1, dx = _member_backward(x, dx, d_a1, a1, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 1,
+                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX)
+            if MEMBERS > 2:
+                d_a2, dx = _member_backward(x, dx, d_a2, a2, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 2,
+                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX)
+            if HAS_DX:
                 tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
-        tl.store(partial_ptr + split * R * K + ranks[:, None] * K + cols[None, :], d_a * scale,
-                 mask=(ranks[:, None] < R) & (cols[None, :] < K))
+        # partial [MEMBERS, splits, R, K]
+        out = partial_ptr + split * R * K + ranks[:, None] * K + cols[None, :]
+        member_stride = tl.num_programs(1) * R * K
+        tl.store(out, d_a0 * scale, mask=a_mask)
+        if MEMBERS > 1:
+            tl.store(out + member_stride, d_a1 * scale, mask=a_mask)
+        if MEMBERS > 2:
+            tl.store(out + 2 * member_stride, d_a2 * scale, mask=a_mask)

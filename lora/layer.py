@@ -52,8 +52,14 @@ class LoRALinear(nn.Module):
         self.shared_input = False
         # Set by rawqlora.fused.enable: on CUDA, dropout inside the Triton kernels of lora/kernels.py.
         self.fused_dropout = False
+        # (x, y): this layer's output y for input x, already computed together with its
+        # siblings (lora/siblings.py); the next call with that very x returns it.
+        self.precomputed = None
 
     def forward(self, x, output_needed=True):
+        if self.precomputed is not None and self.precomputed[0] is x:
+            y, self.precomputed = self.precomputed[1], None
+            return y
         if self.merged:  # the update is already inside W
             return self.base_layer(x)
         if is_inference(self):
@@ -66,20 +72,27 @@ class LoRALinear(nn.Module):
         # The whole layer is one autograd function (lora/function.py has the formulas and
         # the reasons): the LoRA term is added inside the output GEMM, and backward keeps
         # only the (dropped-out) input, never an fp32 copy of it nor a dequantized W.
-        #
-        # Compute dtype: autocast's when it is on (bf16 training), else the base's (its
-        # weight's, or a 4-bit layer's compute_dtype), like bnb's own Linear4bit. The fp32
-        # A and B are cast to it for the products, as autocast would cast them.
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        elif isinstance(self.base_layer, bnb.nn.Linear4bit):
-            dtype = self.base_layer.compute_dtype or x.dtype
-        else:
-            dtype = self.base_layer.weight.dtype
-        dropout = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-        fused_dropout = self.fused_dropout and triton_support.available(x.device)
         return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
-                                        dropout, dtype, self.shared_input, output_needed, fused_dropout)
+                                        self.training_dropout(), self.compute_dtype(x), self.shared_input,
+                                        output_needed, self.fused_dropout_on(x.device))
+
+    def compute_dtype(self, x):
+        """Autocast's dtype when it is on (bf16 training), else the base's (its weight's, or a
+        4-bit layer's compute_dtype), like bnb's own Linear4bit. The fp32 A and B are cast to it
+        for the products, as autocast would cast them."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        if isinstance(self.base_layer, bnb.nn.Linear4bit):
+            return self.base_layer.compute_dtype or x.dtype
+        return self.base_layer.weight.dtype
+
+    def training_dropout(self):
+        """The dropout probability this forward applies: p in training mode, else 0."""
+        return self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def fused_dropout_on(self, device):
+        """Dropout runs inside lora/kernels.py's Triton kernels for inputs on `device`."""
+        return self.fused_dropout and triton_support.available(device)
 
     def delta_weight(self):
         """scaling · B @ A, shape [out, in], fp32: what merging adds to the base weight."""

@@ -227,13 +227,14 @@ def _fused_norm_forward(norm):
     return forward
 
 
-def _fused_mlp_forward(mlp):
+def _fused_mlp_forward(mlp, run_together):
     plain = mlp.forward
 
     def forward(x):
         if is_inference(mlp):
             return plain(x)
-        h = SwiGLUFunction.apply(mlp.gate_proj(x), mlp.up_proj(x))
+        gate_up = run_together((mlp.gate_proj, mlp.up_proj), x)
+        h = SwiGLUFunction.apply(*(gate_up or (mlp.gate_proj(x), mlp.up_proj(x))))
         if is_recomputing() and hasattr(mlp.down_proj, "lora_A"):
             # In these decoder layers the MLP's output only feeds the residual add, which is
             # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
@@ -265,18 +266,27 @@ def _install_rotary_dispatch(modeling):
     modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
-def _fused_attention_forward(attention):
+def _fused_attention_forward(attention, run_together):
     plain = attention.forward
     _install_rotary_dispatch(sys.modules[type(attention).__module__])
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
 
     def forward(*args, **kwargs):
         if is_inference(attention):
             return plain(*args, **kwargs)
+        # q, k and v as one (lora/siblings.py): the attention then calls each projection on
+        # this same hidden_states, and each hands back its share (LoRALinear.precomputed).
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        outputs = run_together(projections, x)
+        for projection, y in zip(projections, outputs or ()):
+            projection.precomputed = (x, y)
         token = _rotary_fused_here.set(True)
         try:
             return plain(*args, **kwargs)
         finally:
             _rotary_fused_here.reset(token)
+            for projection in projections if outputs is not None else ():
+                projection.precomputed = None  # never kept past this call, taken or not
 
     return forward
 
@@ -293,9 +303,12 @@ def enable(model, compile=True):
     """Route every fusable RMSNorm, SwiGLU MLP and attention's rotary embedding of `model`
     through the functions above.
 
-    Also turns on LoRA layers' fused dropout (lora/kernels.py; Triton, so CUDA only).
+    Also turns on LoRA layers' fused dropout (lora/kernels.py; Triton, so CUDA only), and
+    runs the LoRA layers of q/k/v and of gate/up together where they can (lora/siblings.py).
     Returns how many modules were swapped. `compile=False` keeps the eager path on CUDA too.
     """
+    from lora.siblings import run_together  # lora imports this module: imported here, not above
+
     global COMPILE_ON_CUDA
     COMPILE_ON_CUDA = compile
     swapped = 0
@@ -306,9 +319,9 @@ def enable(model, compile=True):
         if type(module).__name__ in FUSABLE_NORMS:
             module.forward = _fused_norm_forward(module)
         elif is_swiglu_mlp(module):
-            module.forward = _fused_mlp_forward(module)
+            module.forward = _fused_mlp_forward(module, run_together)
         elif type(module).__name__ in FUSABLE_ATTENTIONS:
-            module.forward = _fused_attention_forward(module)
+            module.forward = _fused_attention_forward(module, run_together)
         else:
             continue
         swapped += 1

@@ -58,36 +58,42 @@ def rel_err(out, ref):
 
 
 # Rows and columns off the 64-blocks, a rank under 16 (padded for tl.dot) and one over it,
-# more rows than one backward program walks (1024), so several partial dA are summed.
+# more rows than one backward program walks (1024), so several partial dA are summed; one
+# adapter, and three side by side (lora/siblings.py: member j's mask from seed + j).
 @pytest.mark.parametrize("n,k,r,p", [(150, 96, 4, 0.3), (1100, 64, 24, 0.05), (7, 200, 16, 0.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernels_equal_plain_formulas(n, k, r, p, dtype):
+@pytest.mark.parametrize("members", [1, 3])
+def test_kernels_equal_plain_formulas(n, k, r, p, dtype, members):
     g = torch.Generator().manual_seed(n + k)
     x = torch.randn(n, k, generator=g).to(DEVICE, dtype)
-    lora_a = torch.randn(r, k, generator=g).to(DEVICE)
-    g_a = torch.randn(n, r, generator=g).to(DEVICE, dtype)
+    lora_a = torch.randn(members * r, k, generator=g).to(DEVICE)
+    g_a = torch.randn(n, members * r, generator=g).to(DEVICE, dtype)
     dx = torch.randn(n, k, generator=g).to(DEVICE, dtype)
     seed = 12345 + n
-    m = keep_mask(seed, n, k, p).to(DEVICE)
-    x_d = x.double() * m * keep_scale(p)
+    masks = [keep_mask(seed + j, n, k, p).to(DEVICE) for j in range(members)]
+    x_d = [x.double() * m * keep_scale(p) for m in masks]
+    rows = [slice(j * r, (j + 1) * r) for j in range(members)]
 
-    a = kernels.dropout_a_forward(x, lora_a, seed, p)
-    dx_ref = dx.double() + (g_a.double() @ lora_a.double()) * m * keep_scale(p)
-    d_a = kernels.dropout_a_backward(x, g_a, lora_a, dx, seed, p)
+    a = kernels.dropout_a_forward(x, lora_a, seed, p, members=members)
+    a_ref = torch.cat([x_d[j] @ lora_a[rows[j]].double().t() for j in range(members)], dim=1)
+    dx_ref = dx.double() + sum((g_a[:, rows[j]].double() @ lora_a[rows[j]].double()) * masks[j] * keep_scale(p)
+                               for j in range(members))
+    d_a_ref = torch.cat([g_a[:, rows[j]].double().t() @ x_d[j] for j in range(members)])
+    d_a = kernels.dropout_a_backward(x, g_a, lora_a, dx, seed, p, members=members)
     # fp32: the interpreter's fp32 products (1e-6); on a GPU tf32 rounds A to 10 bits (5e-4).
     # bf16: the outputs a and dx are rounded to bf16 (8 bits: 4e-3 per element).
     bound = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    assert a.dtype == dtype and rel_err(a, x_d @ lora_a.double().t()) < bound
-    assert d_a.dtype == torch.float32 and rel_err(d_a, g_a.double().t() @ x_d) < 1e-3
+    assert a.dtype == dtype and rel_err(a, a_ref) < bound
+    assert d_a.dtype == torch.float32 and rel_err(d_a, d_a_ref) < 1e-3
     assert dx.dtype == dtype and rel_err(dx, dx_ref) < bound
     # without dx (an input that needs no gradient) dA is the same
-    assert torch.equal(kernels.dropout_a_backward(x, g_a, lora_a, None, seed, p), d_a)
+    assert torch.equal(kernels.dropout_a_backward(x, g_a, lora_a, None, seed, p, members=members), d_a)
 
 
 def test_mask_statistics():
-    # 4M draws: keep-rate within 5 standard deviations of q; masks of two seeds, of
-    # neighbouring rows, of neighbouring columns and of the two columns that share a hash
-    # agree at the independent rate q² + p².
+    # 4M draws: keep-rate within 5 standard deviations of q; masks of two neighbouring seeds
+    # (siblings run on seed, seed + 1, ...), of neighbouring rows, of neighbouring columns and
+    # of the two columns that share a hash agree at the independent rate q² + p².
     p, q = 0.05, 0.95
     m1, m2 = keep_mask(1, 2048, 2048, p).float(), keep_mask(2, 2048, 2048, p).float()
     sd = (p * q / m1.numel()) ** 0.5
@@ -131,7 +137,7 @@ def test_checkpoint_recompute_regenerates_the_mask(offload, monkeypatch):
     # equal un-checkpointed ones with fused dropout on (and the kernels must have run).
     calls = []
     forward = kernels.dropout_a_forward
-    monkeypatch.setattr(kernels, "dropout_a_forward", lambda *a: calls.append(1) or forward(*a))
+    monkeypatch.setattr(kernels, "dropout_a_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     run = dict(dropout=0.1, fused_kernels=True, fused_dropout=True, device=DEVICE)
     plain = lora_grads(offload=False, checkpointing=False, **run)
     ckpt = lora_grads(offload=offload, checkpointing=True, **run)

@@ -1,0 +1,111 @@
+"""Sibling LoRA layers, those that read the same input (q, k and v; gate and up), as one
+autograd function.
+
+For adapters j = 1..G over one input x [N, in], each with frozen W_j, trainable A_j [r, in],
+B_j [out_j, r], scaling s_j and its own dropout mask m_j (lora/function.py has one layer's
+formulas, which these are, side by side):
+
+    forward    a   = [x_d1 A_1ᵀ | ... | x_dG A_Gᵀ]                         [N, G·r]
+               y_j = a_j (s_j B_j)ᵀ + x W_jᵀ                                  [N, out_j]
+    backward   g_a = [dy_1 (s_1 B_1) | ... | dy_G (s_G B_G)]
+               dB_j = s_j dy_jᵀ a_j     dA_j = g_a,jᵀ x_dj
+               dx  = Σ_j dy_j W_j + Σ_j (g_a,j A_j) ⊙ m_j / q                  one [N, in] tensor
+
+Why: one layer at a time, autograd adds the siblings' input gradients up in passes of its own
+(two over [N, in] for q/k/v, one for gate/up), each adapter's dropout reads x from memory
+again, and every layer pays the Python and launch overhead of a function of its own, which
+on a 7B model is about as long as a k or v projection's GPU work. Here dx is one tensor that
+every GEMM and the dropout kernel add into in place, the dropout forward reads x once for all
+members (lora/kernels.py, `members`), and there is one function.
+
+Dropout: the masks come from lora/kernels.py's hash (seeds seed, seed + 1, ...), so siblings
+run together only where that is the dropout path (`fused_dropout` on CUDA) or there is no
+dropout. With the plain path's torch dropout each layer draws its own mask, in the order the
+model calls them, to stay equal to PEFT's: there they run one by one.
+
+Who calls it: rawqlora/fused.py, for the attentions' q/k/v (through `LoRALinear.precomputed`,
+since transformers' attention calls the three itself) and the SwiGLU MLPs' gate/up.
+"""
+
+import torch
+
+from lora import kernels
+from lora.function import dense_weight
+from lora.layer import LoRALinear
+from rawqlora.fused import is_inference
+
+
+def run_together(layers, x):
+    """The outputs of `layers` (each reading `x`) from one `LoRASiblingsFunction`, or None
+    where they must run one by one: not all LoRA layers, merged, inference, torch's dropout
+    (PEFT-equal masks, drawn per layer), or differing in rank, dropout or dtype."""
+    if not all(isinstance(layer, LoRALinear) for layer in layers):
+        return None
+    if any(layer.merged or is_inference(layer) for layer in layers):
+        return None
+    first = layers[0]
+    dropout, dtype = first.training_dropout(), first.compute_dtype(x)
+    if dropout > 0 and not all(layer.fused_dropout_on(x.device) for layer in layers):
+        return None
+    if any(layer.r != first.r or layer.training_dropout() != dropout or layer.compute_dtype(x) != dtype
+           for layer in layers):
+        return None
+    weights = [w for layer in layers for w in (layer.lora_A.weight, layer.lora_B.weight)]
+    return LoRASiblingsFunction.apply(x, [layer.base_layer for layer in layers],
+                                      [layer.scaling for layer in layers], dropout, dtype, *weights)
+
+
+class LoRASiblingsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bases, scalings, dropout, dtype, *weights):
+        lora_as, lora_bs = weights[0::2], weights[1::2]
+        shape, x_dtype = x.shape, x.dtype
+        x = x.reshape(-1, shape[-1]).to(dtype)
+        r = lora_as[0].shape[0]
+        with torch.autocast(x.device.type, enabled=False):
+            a_stacked = torch.cat(lora_as)
+            ctx.seed = None
+            if dropout > 0:  # one seed from the CPU generator: a checkpoint's recompute replays it
+                ctx.seed = int(torch.randint(2**31, ()))
+                a = kernels.dropout_a_forward(x, a_stacked, ctx.seed, dropout, members=len(bases))
+            else:
+                a = x @ a_stacked.to(dtype).t()
+            outputs = []
+            for j, (base, b, s) in enumerate(zip(bases, lora_bs, scalings)):
+                # One tensor per output, laid out as a layer of its own would make it: column
+                # views of one [N, Σ out] tensor ran the step 1% slower (bench/RESULTS.md, run M).
+                a_j, b_s = a[:, j * r:(j + 1) * r], (b * s).to(dtype)
+                y = a_j @ b_s.t() if base.bias is None else torch.addmm(base.bias.to(dtype), a_j, b_s.t())
+                y.addmm_(x, dense_weight(base, dtype).t())  # the base GEMM adds onto the LoRA term
+                outputs.append(y.reshape(*shape[:-1], base.out_features))
+        ctx.save_for_backward(x, a, *weights)
+        ctx.bases, ctx.scalings, ctx.dropout, ctx.dtype = bases, scalings, dropout, dtype
+        ctx.x_shape, ctx.x_dtype = shape, x_dtype
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x, a, *weights = ctx.saved_tensors
+        lora_as, lora_bs = weights[0::2], weights[1::2]
+        dtype, r = ctx.dtype, lora_as[0].shape[0]
+        dys = [dy.reshape(-1, dy.shape[-1]).to(dtype) for dy in dys]
+        with torch.autocast(x.device.type, enabled=False):
+            g_a = torch.cat([dy @ (b * s).to(dtype) for dy, b, s in zip(dys, lora_bs, ctx.scalings)], dim=1)
+            d_bs = [(dy.t() @ a[:, j * r:(j + 1) * r]).mul_(s).to(b.dtype)
+                    for j, (dy, b, s) in enumerate(zip(dys, lora_bs, ctx.scalings))]
+            dx = None
+            if ctx.needs_input_grad[0]:  # every term added into one tensor, in place
+                dx = dys[0] @ dense_weight(ctx.bases[0], dtype)
+                for dy, base in zip(dys[1:], ctx.bases[1:]):
+                    dx.addmm_(dy, dense_weight(base, dtype))
+            a_stacked = torch.cat(lora_as)
+            if ctx.seed is not None:
+                d_a = kernels.dropout_a_backward(x, g_a, a_stacked, dx, ctx.seed, ctx.dropout, members=len(lora_as))
+            else:
+                d_a = g_a.t() @ x
+                if dx is not None:
+                    dx.addmm_(g_a, a_stacked.to(dtype))
+            d_as = d_a.to(a_stacked.dtype).split(r)
+            if dx is not None:
+                dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
+        return (dx, None, None, None, None) + tuple(g for pair in zip(d_as, d_bs) for g in pair)
