@@ -58,12 +58,12 @@ def keep_scale(p):
 # Tiles of x, BN rows x BK columns (fp32 in registers). Each backward program walks ROWS rows
 # of one column block, keeping its members' slices of A and dA in registers, and writes one
 # partial dA per member that the host sums (no atomics: the sum is deterministic). Backward
-# tiles by member count: each member adds two [R, BK] blocks of registers. Sizes from sweeps on
-# an H100 at 16k tokens (bench/kernel_tiles.py, bench/RESULTS.md).
+# tiles by member count, each member adding two [R, BK] blocks of registers: the fastest of
+# sweeps on an H100 at 16k tokens (bench/kernel_tiles.py; figures in bench/RESULTS.md).
 FORWARD_TILE = dict(BN=64, BK=128, num_warps=4)
 BACKWARD_TILE = {1: dict(BN=32, BK=256, ROWS=1024, num_warps=4),
-                 2: dict(BN=32, BK=128, ROWS=1024, num_warps=4),
-                 3: dict(BN=32, BK=128, ROWS=1024, num_warps=4)}
+                 2: dict(BN=32, BK=256, ROWS=1024, num_warps=4),
+                 3: dict(BN=32, BK=64, ROWS=1024, num_warps=4)}
 
 
 def _padded_rank(r):
