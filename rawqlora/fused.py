@@ -269,11 +269,11 @@ def _install_rotary_dispatch(modeling):
 def _fused_attention_forward(attention, run_together):
     plain = attention.forward
     _install_rotary_dispatch(sys.modules[type(attention).__module__])
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
 
     def forward(*args, **kwargs):
         if is_inference(attention):
             return plain(*args, **kwargs)
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)  # LoRA may come after enable()
         # q, k and v as one (lora/siblings.py): the attention then calls each projection on
         # this same hidden_states, and each hands back its share (LoRALinear.precomputed).
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]

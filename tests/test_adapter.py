@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora import inject, load_adapter, lora_modules, save_adapter
+from lora import inject, load_adapter, save_adapter
 from rawqlora.errors import BadInput
 from reference import load_hf
 

@@ -373,7 +373,7 @@ def test_packed_losses_equal_unpacked_losses(tokenizer, attn):
         per_token = summed_losses(model(**batch, use_cache=False).logits, batch["labels"])
         # With the default use_cache=True transformers skips the packed-sequence mask: samples leak.
         leaky = summed_losses(model(**batch).logits, batch["labels"])
-    packed, start = [], 0
+    packed = []
     for row, losses in zip(rows, per_token):
         starts = [j for j, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
         # position j's loss scores label j + 1, so sample [a, b) owns losses [a - 1, b - 1).
