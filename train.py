@@ -99,7 +99,8 @@ class TrainConfig:
     mlp_chunk: int = 0  # >0: run each MLP this many tokens at a time, recomputed per chunk (very long sequences; costs one more MLP forward)
     attention: str = "sdpa"  # sdpa|flex_attention|eager; flex (CUDA) never builds a seq x seq mask, which sdpa needs past a sliding window (Mistral: 4096)
     # RMSNorm, SwiGLU, rotary with their backward written out (rawqlora/fused.py), compiled on CUDA,
-    # and on CUDA LoRA dropout inside Triton kernels (lora/kernels.py); off: the plain PyTorch paths
+    # on CUDA LoRA dropout inside Triton kernels (lora/kernels.py), and q/k/v and gate/up adapters
+    # as one function each where their dropout allows (lora/siblings.py); off: the plain PyTorch paths
     fused_kernels: bool = True
     auto_batch: bool = False  # CUDA: lower --batch-size to the largest that fits, raising --grad-accum to keep the effective batch
     seed: int = 42
