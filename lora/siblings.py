@@ -38,15 +38,16 @@ from rawqlora.fused import is_inference
 def run_together(layers, x):
     """The outputs of `layers` (each reading `x`) from one `LoRASiblingsFunction`, or None
     where they must run one by one: not all LoRA layers, merged, inference, torch's dropout
-    (PEFT-equal masks, drawn per layer), or differing in rank, dropout or dtype."""
+    (PEFT-equal masks, drawn per layer), more than three with dropout, or differing in rank,
+    dropout or dtype."""
     if not all(isinstance(layer, LoRALinear) for layer in layers):
         return None
     if any(layer.merged or is_inference(layer) for layer in layers):
         return None
     first = layers[0]
     dropout, dtype = first.training_dropout(), first.compute_dtype(x)
-    if dropout > 0 and not all(layer.fused_dropout_on(x.device) for layer in layers):
-        return None
+    if dropout > 0 and (len(layers) > 3 or not all(layer.fused_dropout_on(x.device) for layer in layers)):
+        return None  # the dropout kernels take up to three members
     if any(layer.r != first.r or layer.training_dropout() != dropout or layer.compute_dtype(x) != dtype
            for layer in layers):
         return None

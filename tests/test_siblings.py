@@ -80,10 +80,16 @@ def test_siblings_without_dropout_equal_the_layers_one_by_one(bias):
         assert rel_err(ours, theirs) < 1e-6
 
 
-def test_run_together_declines_what_it_cannot_do():
+def test_run_together_declines_what_it_cannot_do(monkeypatch):
     x = torch.randn(2, 5, 48, device=DEVICE)
     # torch's dropout: each layer draws its own mask, in order, as PEFT does
     assert siblings.run_together(sibling_layers(False, dropout=0.1), x) is None
+    # four with fused dropout: the kernels take up to three
+    monkeypatch.setattr(triton_support, "available", lambda device: True)
+    four = sibling_layers(False, dropout=0.1, outs=(8, 8, 8, 8))
+    for layer in four:
+        layer.fused_dropout = True
+    assert siblings.run_together(four, x) is None and len(siblings.run_together(four[:3], x)) == 3
     # unequal ranks, a layer without LoRA, inference
     layers = sibling_layers(False, dropout=0.0)
     assert siblings.run_together(layers[:2] + sibling_layers(False, 0.0, r=4)[2:], x) is None
