@@ -59,10 +59,10 @@ def rel_err(out, ref):
 
 # Rows and columns off the 64-blocks, a rank under 16 (padded for tl.dot) and one over it,
 # more rows than one backward program walks (1024), so several partial dA are summed; one
-# adapter, and three side by side (lora/siblings.py: member j's mask from seed + j).
+# adapter, and two and three side by side (lora/siblings.py: member j's mask from seed + j).
 @pytest.mark.parametrize("n,k,r,p", [(150, 96, 4, 0.3), (1100, 64, 24, 0.05), (7, 200, 16, 0.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("members", [1, 3])
+@pytest.mark.parametrize("members", [1, 2, 3])
 def test_kernels_equal_plain_formulas(n, k, r, p, dtype, members):
     g = torch.Generator().manual_seed(n + k)
     x = torch.randn(n, k, generator=g).to(DEVICE, dtype)
