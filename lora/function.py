@@ -52,6 +52,27 @@ def dense_weight(base, dtype):
     return base.weight.to(dtype)
 
 
+def dropout_seed():
+    """One seed per call for lora/kernels.py's masks, from the CPU generator: a checkpoint's
+    recompute replays that generator, so it draws the same seed and rebuilds the same mask."""
+    return int(torch.randint(2**31, ()))
+
+
+def output(x, a, lora_b, scaling, base, dtype):
+    """y = x Wᵀ + bias + a (s B)ᵀ: the LoRA term first, then the base GEMM adds onto it (beta = 1).
+    Its epilogue reads the term while the tensor cores work, where adding it afterwards would be
+    one more pass over y ([N, out], the largest tensor here)."""
+    b_s = (lora_b * scaling).to(dtype)
+    y = a @ b_s.t() if base.bias is None else torch.addmm(base.bias.to(dtype), a, b_s.t())
+    return y.addmm_(x, dense_weight(base, dtype).t())
+
+
+def b_side_grads(dy, a, lora_b, scaling, dtype):
+    """g_a = dy (s B) [N, r], what dA and dx need, and dB = s · dyᵀ a in B's dtype."""
+    g_a = dy @ (lora_b * scaling).to(dtype)
+    return g_a, (dy.t() @ a).mul_(scaling).to(lora_b.dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, scaling, dropout, dtype, shared_input=False, output_needed=True,
@@ -61,8 +82,7 @@ class LoRALinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             mask, ctx.seed = None, None
             if dropout > 0 and fused_dropout:
-                # One seed per call from the CPU generator: a recompute replays it, so the same mask.
-                ctx.seed = int(torch.randint(2**31, ()))
+                ctx.seed = dropout_seed()
                 x_d, a = x, kernels.dropout_a_forward(x, lora_a, ctx.seed, dropout)
             else:
                 if dropout > 0:
@@ -72,12 +92,7 @@ class LoRALinearFunction(torch.autograd.Function):
                     x_d = x
                 a = x_d @ lora_a.to(dtype).t()
             if output_needed:
-                # The LoRA term first, then the base GEMM adds onto it (beta = 1): its epilogue
-                # reads the term while the tensor cores work, where adding it afterwards would
-                # be one more pass over y ([N, out], the largest tensor here).
-                b_s = (lora_b * scaling).to(dtype)
-                y = a @ b_s.t() if base.bias is None else torch.addmm(base.bias.to(dtype), a, b_s.t())
-                y.addmm_(x, dense_weight(base, dtype).t())
+                y = output(x, a, lora_b, scaling, base, dtype)
             else:  # a recompute that only needs the saved tensors: zeros, no memory, no GEMM
                 y = x.new_zeros(()).expand(x.shape[0], base.out_features)
         ctx.rebuild_x_d = mask is not None and shared_input
@@ -92,8 +107,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dtype, s, keep = ctx.dtype, ctx.scaling, 1 - ctx.dropout
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)
         with torch.autocast(dy.device.type, enabled=False):
-            g_a = dy @ (lora_b * s).to(dtype)
-            d_b = (dy.t() @ a).mul_(s).to(lora_b.dtype)
+            g_a, d_b = b_side_grads(dy, a, lora_b, s, dtype)
             if ctx.seed is not None:  # one kernel: dA, and the masked LoRA term into dx
                 dx = dy @ dense_weight(ctx.base, dtype) if ctx.needs_input_grad[0] else None
                 d_a = kernels.dropout_a_backward(x_or_x_d, g_a, lora_a, dx, ctx.seed, ctx.dropout)

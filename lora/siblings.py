@@ -30,7 +30,7 @@ since transformers' attention calls the three itself) and the SwiGLU MLPs' gate/
 import torch
 
 from lora import kernels
-from lora.function import dense_weight
+from lora.function import b_side_grads, dense_weight, dropout_seed, output
 from lora.layer import LoRALinear
 from rawqlora.fused import is_inference
 
@@ -66,19 +66,15 @@ class LoRASiblingsFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             a_stacked = torch.cat(lora_as)
             ctx.seed = None
-            if dropout > 0:  # one seed from the CPU generator: a checkpoint's recompute replays it
-                ctx.seed = int(torch.randint(2**31, ()))
+            if dropout > 0:
+                ctx.seed = dropout_seed()
                 a = kernels.dropout_a_forward(x, a_stacked, ctx.seed, dropout, members=len(bases))
             else:
                 a = x @ a_stacked.to(dtype).t()
-            outputs = []
-            for j, (base, b, s) in enumerate(zip(bases, lora_bs, scalings)):
-                # One tensor per output, laid out as a layer of its own would make it: column
-                # views of one [N, Σ out] tensor ran the step 1% slower (bench/RESULTS.md, run M).
-                a_j, b_s = a[:, j * r:(j + 1) * r], (b * s).to(dtype)
-                y = a_j @ b_s.t() if base.bias is None else torch.addmm(base.bias.to(dtype), a_j, b_s.t())
-                y.addmm_(x, dense_weight(base, dtype).t())  # the base GEMM adds onto the LoRA term
-                outputs.append(y.reshape(*shape[:-1], base.out_features))
+            # One tensor per output, laid out as a layer of its own would make it: column views
+            # of one [N, Σ out] tensor ran the step 1% slower (bench/RESULTS.md, run M).
+            outputs = [output(x, a[:, j * r:(j + 1) * r], b, s, base, dtype).reshape(*shape[:-1], base.out_features)
+                       for j, (base, b, s) in enumerate(zip(bases, lora_bs, scalings))]
         ctx.save_for_backward(x, a, *weights)
         ctx.bases, ctx.scalings, ctx.dropout, ctx.dtype = bases, scalings, dropout, dtype
         ctx.x_shape, ctx.x_dtype = shape, x_dtype
@@ -91,9 +87,9 @@ class LoRASiblingsFunction(torch.autograd.Function):
         dtype, r = ctx.dtype, lora_as[0].shape[0]
         dys = [dy.reshape(-1, dy.shape[-1]).to(dtype) for dy in dys]
         with torch.autocast(x.device.type, enabled=False):
-            g_a = torch.cat([dy @ (b * s).to(dtype) for dy, b, s in zip(dys, lora_bs, ctx.scalings)], dim=1)
-            d_bs = [(dy.t() @ a[:, j * r:(j + 1) * r]).mul_(s).to(b.dtype)
-                    for j, (dy, b, s) in enumerate(zip(dys, lora_bs, ctx.scalings))]
+            g_as, d_bs = zip(*[b_side_grads(dy, a[:, j * r:(j + 1) * r], b, s, dtype)
+                               for j, (dy, b, s) in enumerate(zip(dys, lora_bs, ctx.scalings))])
+            g_a = torch.cat(g_as, dim=1)
             dx = None
             if ctx.needs_input_grad[0]:  # every term added into one tensor, in place
                 dx = dys[0] @ dense_weight(ctx.bases[0], dtype)
