@@ -47,7 +47,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
@@ -61,6 +60,7 @@ from lora.adapter import PREFIX
 from lora.adapter import read_adapter_files  # config + tensors, with PEFT-format checks
 from lora.inject import resolve_targets
 from quant.experts import checkpoint_key, module_key, unfuse_experts
+from quant.linear4bit import bnb
 from quant.load import BLOCKSIZE, INDEX, checkpoint_files, open_checkpoint, read_config, read_tensor, skipped, to_4bit
 from quant.save import copy_tokenizer, replace_dir
 from rawqlora import data
@@ -223,25 +223,26 @@ def plan_merge(args):
         module, sep, ab = name.rpartition(".lora_")
         if sep and ab in ("A.weight", "B.weight"):
             pairs.setdefault(module, {})[ab[0]] = t
-        else:
-            whole[name] = t
+        else:  # `<module>.base_layer.weight`: a LoRA target's own weight, saved because it trained
+            whole[name.replace(".base_layer.", ".")] = t
     if missing := sorted(set(targets) - pairs.keys()):
         raise BadInput(f"adapter {adapter} has no LoRA weights for {missing[0]}, though its target_modules select it")
     if extra := sorted(pairs.keys() - set(targets)):
         raise BadInput(f"{unfit}: it has LoRA weights for {extra[0]}, which its target_modules do not select here")
 
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    replace, vocab = whole_modules(whole, shapes, mt, embed, head, tied, unfit)
     r = adapter_config["r"]
     for name in targets:
         A, B = pairs[name].get("A"), pairs[name].get("B")
         if A is None or B is None:
             raise BadInput(f"adapter {adapter} has only lora_{'A' if B is None else 'B'} for {name}")
-        out_f, in_f = shapes.get(checkpoint_key(mt, name) + ".weight", (None, None))
+        key = checkpoint_key(mt, name) + ".weight"
+        out_f, in_f = tuple(replace[key].shape) if key in replace else shapes.get(key, (None, None))
         if tuple(A.shape) != (r, in_f) or tuple(B.shape) != (out_f, r):
             raise BadInput(f"{unfit}: {name}.weight is [{out_f}, {in_f}] in the base but the adapter's lora_A is "
                            f"{list(A.shape)} and lora_B {list(B.shape)} (r={r}); it was trained on another model")
 
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    replace, vocab = whole_modules(whole, shapes, mt, embed, head, tied, unfit)
     drop = {k for k in shapes if k.endswith("rotary_emb.inv_freq")}  # legacy buffers; load_model skips them too
 
     # Tokenizer: the adapter's when training added tokens (train.py saves it then), else the base's.

@@ -236,12 +236,15 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
     )
     model.config.use_cache = False  # no KV cache while training: it only costs memory
     model.set_attn_implementation(cfg.attention)
+    # Before LoRA goes on: transformers resizes the plain embedding and head modules only.
+    grow_vocabulary(model, len(tokenizer))
     if resume_from:  # the checkpoint's adapter config says where LoRA goes; its weights replace the fresh init
         wrapped = lora.load_adapter(model, resume_from)
     else:
         wrapped = lora.inject(model, parse_targets(cfg.targets), r=cfg.lora_r, alpha=cfg.lora_alpha,
                               dropout=cfg.lora_dropout, rslora=cfg.rslora)
-    modules_to_save = train_embedding_rows(model, tokenizer, added_tokens, cfg.train_embeddings)
+    modules_to_save = train_embedding_rows(model, len(tokenizer) - len(added_tokens), bool(added_tokens),
+                                           cfg.train_embeddings)
     if cfg.fused_kernels:
         fused.enable(model)
     if cfg.grad_ckpt:
@@ -256,22 +259,31 @@ def parse_targets(spec):
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def train_embedding_rows(model, tokenizer, added_tokens, train_all):
-    """Resize for added tokens (new rows = mean of the old ones) and make embeddings trainable if needed.
+def grow_vocabulary(model, vocab):
+    """Give added tokens embedding and head rows, each new row the mean of the old ones.
 
     A new row initialised to the mean embedding starts as an "average token" instead of
     noise, so the first steps do not spike the loss (Hewitt, "Initializing New Word
-    Embeddings for Pretrained Language Models", 2021). Only the new rows learn, unless
-    --train-embeddings: a gradient hook zeroes the others, and weight decay is off for them.
-    Returns the module names to save whole with the adapter (PEFT's modules_to_save).
+    Embeddings for Pretrained Language Models", 2021).
     """
-    if not added_tokens and not train_all:
+    if vocab > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab, mean_resizing=True)
+
+
+def train_embedding_rows(model, old_vocab, tokens_added, train_all):
+    """Make the embedding rows of added tokens trainable (all rows with --train-embeddings).
+
+    Only the new rows learn, unless --train-embeddings: a gradient hook zeroes the others, and
+    weight decay is off for them. An output head that is itself a LoRA target trains its new
+    rows in its base weight, which lora.save_adapter then saves beside the head's LoRA weights
+    (as PEFT saves a targeted embedding layer). Returns the module names to save whole with the
+    adapter (PEFT's modules_to_save).
+    """
+    if not tokens_added and not train_all:
         return []
-    old_vocab = len(tokenizer) - len(added_tokens)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     names = []
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+    head = model.get_output_embeddings()
+    for module in (model.get_input_embeddings(), getattr(head, "base_layer", head)):
         # fp32 master weights: Adam updates of ~1e-4 vanish when added to bf16 values.
         module.weight.data = module.weight.data.float()
         module.weight.requires_grad_(True)
@@ -279,7 +291,8 @@ def train_embedding_rows(model, tokenizer, added_tokens, train_all):
             frozen = torch.zeros(module.weight.shape[0], 1, dtype=torch.bool, device=module.weight.device)
             frozen[: min(old_vocab, module.weight.shape[0])] = True
             module.weight.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0))
-        names.append(next(n for n, m in model.named_modules() if m is module).split(".")[-1])
+        if module is not getattr(head, "base_layer", None):  # a LoRA head is saved with its adapter
+            names.append(next(n for n, m in model.named_modules() if m is module).split(".")[-1])
     return names
 
 
@@ -576,7 +589,8 @@ def train(cfg):
         if added_tokens:
             tokenizer.save_pretrained(out)  # merge.py and generate.py need the added tokens
 
-    eval_batches = [to_device(collate(eval_rows[i : i + cfg.batch_size], tokenizer.pad_token_id), device)
+    # Eval rows stay one sample each, packing or not: the loss per sample, never across them.
+    eval_batches = [to_device(data.collate(eval_rows[i : i + cfg.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(eval_rows), cfg.batch_size)]
 
     # --- loop ---------------------------------------------------------------------------

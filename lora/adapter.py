@@ -111,6 +111,8 @@ def save_adapter(model, path, base_model=None, modules_to_save=None, overwrite=F
     for name, m in modules.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = copy(m.lora_A.weight)
         tensors[f"{PREFIX}{name}.lora_B.weight"] = copy(m.lora_B.weight)
+        if m.base_layer.weight.requires_grad:  # trained base rows (an output head that grew):
+            tensors[f"{PREFIX}{name}.base_layer.weight"] = copy(m.base_layer.weight)  # PEFT's key for them
     modules_to_save = list(modules_to_save or [])
     for name, m in _whole_modules(model, modules_to_save).items():
         if any(w == name or w.startswith(f"{name}.") or name.startswith(f"{w}.") for w in modules):

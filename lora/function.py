@@ -37,19 +37,18 @@ through `torch.native_dropout`, which draws the same random numbers as `nn.Dropo
 this layer and PEFT's produce the same masks from the same seed (not so with `fused_dropout`).
 """
 
-import bitsandbytes as bnb
 import torch
 
 from lora import kernels
+from quant.linear4bit import Linear4bit, dequantize
 from rawqlora.fused import add_masked_, apply_mask, kernel, pack_mask
 
 
 def dense_weight(base, dtype):
     """W [out, in] in `dtype`: dequantized for a 4-bit base, the weight itself for a dense one."""
-    if isinstance(base, bnb.nn.Linear4bit):
-        w = base.weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
-    return base.weight.to(dtype)
+    if isinstance(base, Linear4bit):
+        return dequantize(base, dtype)
+    return base.weight.to(dtype)  # no copy when the dtype matches
 
 
 def dropout_seed():

@@ -13,11 +13,11 @@ our state-dict keys are PEFT's on-disk keys without the `base_model.model.` pref
 
 import math
 
-import bitsandbytes as bnb
 import torch
 from torch import nn
 
 from lora.function import LoRALinearFunction
+from quant.linear4bit import Linear4bit, keep_standard_layout
 from rawqlora import triton_support
 from rawqlora.errors import BadInput
 from rawqlora.fused import is_inference
@@ -30,6 +30,8 @@ class LoRALinear(nn.Module):
             raise BadInput(f"LoRA rank r must be a positive integer, got {r}; try r=8 or r=16")
         if not 0.0 <= dropout < 1.0:
             raise BadInput(f"LoRA dropout must be in [0, 1), got {dropout}; try 0.05")
+        if isinstance(base, Linear4bit):
+            keep_standard_layout(base)  # one 4-bit layout on every CPU (quant/linear4bit.py)
         self.base_layer = base
         self.r, self.alpha, self.rslora = r, alpha, rslora
         # rsLoRA (Kalajdzievski 2023, arXiv:2312.03732): alpha/r shrinks the update as r grows
@@ -62,10 +64,11 @@ class LoRALinear(nn.Module):
             return y
         if self.merged:  # the update is already inside W
             return self.base_layer(x)
-        if is_inference(self):
+        if is_inference(self) or self.base_layer.weight.requires_grad:
             # Generation: the formula as written, so a 4-bit base runs bitsandbytes' own
             # kernels (a fused 4-bit GEMV at batch 1, where dequantizing all of W per token,
-            # as the training path does, would be 5x slower).
+            # as the training path does, would be 5x slower). Also a base weight that trains
+            # (an output head's rows for added tokens): the function below treats W as frozen.
             lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
             result = self.base_layer(x)
             return result + (lora * self.scaling).to(result.dtype)
@@ -82,7 +85,7 @@ class LoRALinear(nn.Module):
         for the products, as autocast would cast them."""
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
-        if isinstance(self.base_layer, bnb.nn.Linear4bit):
+        if isinstance(self.base_layer, Linear4bit):
             return self.base_layer.compute_dtype or x.dtype
         return self.base_layer.weight.dtype
 
@@ -101,7 +104,7 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self):
         """Add the update into a dense base weight: W ← W + scaling·B·A. Twice is a no-op."""
-        if isinstance(self.base_layer, bnb.nn.Linear4bit):
+        if isinstance(self.base_layer, Linear4bit):
             # Adding into NF4 would re-quantize W and lose precision silently; merge.py instead
             # dequantizes the base and adds `delta_weight()` there.
             raise TypeError("cannot merge LoRA into a 4-bit base layer; dequantize it first")

@@ -6,7 +6,8 @@
 """
 
 from .experts import LinearExperts, checkpoint_key, module_key
-from .load import dequantize, load_model
+from .linear4bit import dequantize
+from .load import load_model
 from .save import save_quantized
 
 __all__ = ["LinearExperts", "checkpoint_key", "dequantize", "load_model", "module_key", "save_quantized"]

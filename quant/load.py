@@ -15,7 +15,6 @@ back as stored (packed 4-bit data + quantization state), without quantizing agai
 import json
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -24,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from rawqlora.errors import BadInput
 
 from .experts import module_key, unfuse_experts
+from .linear4bit import Linear4bit, bnb, keep_standard_layout
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # QLoRA's choice, and bitsandbytes' and transformers' default
@@ -112,16 +112,6 @@ def load_model(
         )
     rebuild_computed_buffers(model, device)
     return model.eval()
-
-
-def dequantize(module):
-    """The fp32 dense weight [out, in] of an `nn.Linear` or bitsandbytes `Linear4bit`, as a new tensor."""
-    if isinstance(module, bnb.nn.Linear4bit):
-        weight = module.weight
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.float32)
-    if isinstance(module, nn.Linear):
-        return module.weight.detach().to(torch.float32, copy=True)
-    raise TypeError(f"dequantize takes nn.Linear or Linear4bit, not {type(module).__name__}")
 
 
 # ---------------------------------------------------------------- checking the directory
@@ -231,7 +221,7 @@ def to_4bit(model, wanted, quant, double_quant, compute_dtype):
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or not wanted(name) or module is tied_head:
             continue
-        new = bnb.nn.Linear4bit(
+        new = Linear4bit(
             module.in_features,
             module.out_features,
             bias=module.bias is not None,
@@ -241,10 +231,7 @@ def to_4bit(model, wanted, quant, double_quant, compute_dtype):
             quant_storage=torch.uint8,
         )
         new.weight.blocksize = BLOCKSIZE
-        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at the first
-        # no-grad eval forward and keeps the block scales only in bf16 from then on: the
-        # weights we save, merge and compare would depend on whether inference had run.
-        new.support_avx512bf16_for_cpu = False
+        keep_standard_layout(new)  # the same 4-bit layout on every CPU (quant/linear4bit.py)
         new.requires_grad_(False)
         model.set_submodule(name, new)
 
@@ -253,7 +240,7 @@ def is_quant_stat(model, name):
     """Whether tensor `name` is a Linear4bit's packed weight or one of its statistics (`weight.absmax`...)."""
     owner, sep, _ = name.partition(".weight")
     try:
-        return bool(sep) and isinstance(model.get_submodule(owner), bnb.nn.Linear4bit)
+        return bool(sep) and isinstance(model.get_submodule(owner), Linear4bit)
     except AttributeError:
         return False
 
@@ -268,7 +255,7 @@ def place(model, name, tensor, device, compute_dtype, path):
     if module is None or (attr not in module._parameters and attr not in module._buffers):
         raise BadInput(f"{path} has a weight {name} that the model has no place for: config.json does not match")
     expected = getattr(module, attr).shape
-    if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
+    if isinstance(module, Linear4bit) and attr == "weight":
         expected = (module.out_features, module.in_features)
     if tensor.shape != expected:
         raise BadInput(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected)}")
@@ -277,7 +264,7 @@ def place(model, name, tensor, device, compute_dtype, path):
     # quantizing, so the 4-bit state dequantizes straight to compute_dtype.
     dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
     tensor = tensor.to(device=device, dtype=dtype, copy=True)
-    if isinstance(module, bnb.nn.Linear4bit) and attr == "weight":
+    if isinstance(module, Linear4bit) and attr == "weight":
         old = module.weight
         # Params4bit.to(device) is where bitsandbytes quantizes (blockwise absmax, 4-bit codes).
         module.weight = bnb.nn.Params4bit(

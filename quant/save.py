@@ -14,7 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-import bitsandbytes as bnb
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -22,6 +21,7 @@ from torch import nn
 from rawqlora.errors import BadInput
 
 from .experts import checkpoint_key
+from .linear4bit import Linear4bit
 from .load import INDEX
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' default: files a hub upload and most filesystems take
@@ -50,7 +50,7 @@ def save_quantized(model, path, tokenizer_source=None, overwrite=False, max_shar
         raise BadInput(f"{path} is not empty: choose a new directory or pass overwrite=True")
     if tokenizer_source is not None and not Path(tokenizer_source).is_dir():
         raise BadInput(f"tokenizer source {tokenizer_source} is not a directory")
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if not layers:
         raise BadInput("the model has no 4-bit layers: save a dense model with save_pretrained")
 

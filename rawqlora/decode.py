@@ -12,6 +12,7 @@ fills with keys and values (`DynamicCache`); padding, positions, sampling and st
 The model is used as given: put it in eval mode first (dropout would otherwise be on).
 """
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -128,6 +129,10 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
         generator.manual_seed(sampling.seed)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
+    # transformers renamed the forward's `past_key_values` to `cache` (the old name now warns
+    # of its removal); older releases know only the old name.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     def forward(input_ids):
         # logits_to_keep=1: only the last position's logits are needed, which saves a
         # [batch, prompt, vocab] tensor at prefill. Sampling happens in fp32 whatever the model dtype.
@@ -135,7 +140,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **{cache_arg: cache},
             use_cache=True,
             logits_to_keep=1,
         )

@@ -60,7 +60,7 @@ def make_optimizer(name, params, lr, weight_decay):
     memory spikes from long sequences)."""
     if name == "adamw":
         return AdamW(params, lr=lr, weight_decay=weight_decay)
-    import bitsandbytes as bnb
+    from quant.linear4bit import bnb
 
     if name == "paged_adamw":
         return bnb.optim.PagedAdamW32bit(params, lr=lr, weight_decay=weight_decay)

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TopKLogitsWarper,
@@ -32,6 +32,7 @@ from rawqlora.decode import (
     top_k_filter,
     top_p_filter,
 )
+from reference import load_hf
 
 PROMPTS = [
     "The quick brown",
@@ -44,12 +45,7 @@ N = 16  # new tokens: enough steps for the KV cache path to matter, few enough t
 
 
 def load(path, nf4=False):
-    config = None
-    if nf4:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config).eval()
+    return (load_hf(path, nf4) if nf4 else AutoModelForCausalLM.from_pretrained(path)).eval()
 
 
 def hf_greedy(model, prompt, n=N, **kwargs):

@@ -107,7 +107,7 @@ def test_layer_with_fused_dropout_equals_plain_autograd():
     # The whole LoRA layer through the kernels against autograd over the formula as written,
     # dropout applied with the mask the layer's seed gives.
     torch.manual_seed(0)
-    base = torch.nn.Linear(48, 40).to(DEVICE)
+    base = torch.nn.Linear(48, 40).to(DEVICE).requires_grad_(False)  # frozen, as inject leaves it
     layer = lora.LoRALinear(base, r=8, alpha=16, dropout=0.2)
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
     layer.fused_dropout = True

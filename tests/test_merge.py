@@ -24,6 +24,7 @@ import merge
 import quant
 from rawqlora.cli import run
 from rawqlora.errors import BadInput
+from reference import load_hf_4bit
 
 F32 = torch.float32
 REPO = Path(__file__).resolve().parent.parent
@@ -232,7 +233,7 @@ def test_quantize_nf4_writes_a_loadable_4bit_sibling(make_model_dir, tmp_path):
     nf4 = tmp_path / "m-nf4"
     assert json.loads((nf4 / "config.json").read_text())["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     ours = logits(quant.load_model(nf4, quant="nf4", compute_dtype=F32, device="cpu"))
-    theirs = logits(AutoModelForCausalLM.from_pretrained(nf4, device_map="cpu"))
+    theirs = logits(load_hf_4bit(nf4))
     assert torch.equal(ours, theirs)
     # Re-quantizing the merged weights costs NF4 error again: close to the merged model, not equal.
     dense = logits(from_pretrained(tmp_path / "m"))

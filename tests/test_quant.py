@@ -21,6 +21,7 @@ from conftest import ARCHS
 from quant import LinearExperts, checkpoint_key, dequantize, load_model, save_quantized
 from rawqlora.errors import BadInput
 from rawqlora.tiny import tiny_model
+from reference import load_hf_4bit
 
 F32 = torch.float32
 
@@ -36,13 +37,8 @@ def logits(model, ids=None):
 
 def hf_bnb(path, quant_type="nf4"):
     """transformers' own 4-bit load of `path`: the reference our NF4 load must reproduce."""
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=F32,
-    )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=F32, quantization_config=config, device_map="cpu")
+    return load_hf_4bit(path, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                        bnb_4bit_compute_dtype=F32)
 
 
 def linear4bit(model):
@@ -227,7 +223,7 @@ def test_save_quantized_round_trips(make_model_dir, tmp_path, arch):
     assert {q, *(f"{q}.{s}" for s in stats)} <= keys
     assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(source).get_vocab()
 
-    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out, device_map="cpu")), expected)
+    assert torch.equal(logits(load_hf_4bit(out)), expected)
     assert torch.equal(logits(load_model(out, compute_dtype=F32)), expected)
 
 
