@@ -38,10 +38,12 @@ import quant
 from lora.inject import resolve_targets
 from quant.experts import unfuse_experts
 from quant.load import checkpoint_files, checkpoint_keys, read_config
-from rawqlora import checkpoint, cli, data, distributed, fused, grad_ckpt
+from fast import fused
+from rawqlora import cli, data
+from training import checkpoint, distributed, grad_ckpt
 from rawqlora.errors import BadInput
-from rawqlora.loss import causal_lm_loss
-from rawqlora.optim import LossScaler, lr_factor, make_optimizer
+from training.loss import causal_lm_loss
+from training.optim import LossScaler, lr_factor, make_optimizer
 
 REPO = Path(__file__).resolve().parent
 EMBEDDED_CONFIG = REPO / "default" / "config.json"

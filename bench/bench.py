@@ -79,7 +79,8 @@ def load_rawqlora(path, dropout, offload=False, fused_kernels=True, attention="s
     """As train.py builds it: 4-bit base, LoRA, fused norms/SwiGLU, checkpointed layers."""
     import lora
     import quant
-    from rawqlora import fused, grad_ckpt
+    from fast import fused
+    from training import grad_ckpt
 
     model = quant.load_model(path, quant="nf4", double_quant=True, compute_dtype=torch.bfloat16, device="cuda")
     model.set_attn_implementation(attention)
@@ -120,7 +121,7 @@ def seed_stack_steps(model, seq, batch, n):
 
 def rawqlora_steps(model, seq, batch, n, optim="adamw"):
     import train
-    from rawqlora.optim import make_optimizer
+    from training.optim import make_optimizer
 
     params = [p for p in model.parameters() if p.requires_grad]
     if getattr(model, "bench_optimizer", None) is None:  # one optimizer across calls: a profile sees warm state

@@ -14,7 +14,7 @@ import itertools
 import torch
 import triton.testing
 
-from lora import kernels
+from fast import dropout_kernels as kernels
 
 CASES = [(1, 4096), (2, 4096), (3, 4096)]  # (members, input width)
 

@@ -16,8 +16,8 @@ import torch
 import triton.testing
 
 import lora
-from lora import kernels, siblings
-from rawqlora import fused
+from fast import dropout_kernels as kernels, siblings
+from fast import fused
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
           "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}

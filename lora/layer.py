@@ -16,11 +16,11 @@ import math
 import torch
 from torch import nn
 
-from lora.function import LoRALinearFunction
+from fast.lora_function import LoRALinearFunction
 from quant.linear4bit import Linear4bit, keep_standard_layout
-from rawqlora import triton_support
+from fast import triton_support
 from rawqlora.errors import BadInput
-from rawqlora.fused import is_inference
+from fast.fused import is_inference
 
 
 class LoRALinear(nn.Module):

@@ -1,1 +1,1 @@
-"""Shared pieces of rawqlora that are neither LoRA (lora/) nor quantization (quant/)."""
+"""Plumbing every command shares: one-line errors, command lines, tiny local models, decoding."""

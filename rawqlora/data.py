@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from rawqlora.errors import BadInput
-from rawqlora.loss import IGNORE_INDEX
+from training.loss import IGNORE_INDEX
 from rawqlora.tiny import CHATML_TEMPLATE
 
 IGNORE = IGNORE_INDEX  # the label that gets no loss (rawqlora/loss.py skips it)

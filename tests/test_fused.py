@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import lora
-from rawqlora import fused
-from rawqlora.loss import causal_lm_loss
+from fast import fused
+from training.loss import causal_lm_loss
 from rawqlora.tiny import tiny_model
 
 
@@ -228,7 +228,7 @@ def test_rotary_kernel_equals_formula(dtype):
     # The Triton kernel (CPU interpreter without a GPU) against the eager formulas: q as the
     # transposed view the attention passes, head counts and head_dim halves off powers of two,
     # cos broadcast over the batch. fp32 arithmetic, one rounding: bf16 within an ulp.
-    from rawqlora import rotary_kernel
+    from fast import rotary_kernel
 
     device = DEVICES[-1]
     g = torch.Generator().manual_seed(0)

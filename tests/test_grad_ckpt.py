@@ -2,9 +2,10 @@ import pytest
 import torch
 
 import lora
-import lora.function
-from rawqlora import fused, grad_ckpt
-from rawqlora.loss import causal_lm_loss
+import fast.lora_function
+from fast import fused
+from training import grad_ckpt
+from training.loss import causal_lm_loss
 from rawqlora.tiny import tiny_config, tiny_model
 
 
@@ -70,8 +71,8 @@ def test_recompute_skips_the_mlp_output_projection(offload, mlp_chunk, monkeypat
     # weight is used twice per layer (forward, backward), not three times, and the
     # gradients are unchanged, dropout included.
     uses = []
-    real = lora.function.dense_weight
-    monkeypatch.setattr(lora.function, "dense_weight", lambda base, dtype: uses.append(base) or real(base, dtype))
+    real = fast.lora_function.dense_weight
+    monkeypatch.setattr(fast.lora_function, "dense_weight", lambda base, dtype: uses.append(base) or real(base, dtype))
     plain = lora_grads(offload=False, checkpointing=False, dropout=0.1, mlp_chunk=mlp_chunk)
     uses.clear()
     ckpt = lora_grads(offload=offload, checkpointing=True, dropout=0.1, mlp_chunk=mlp_chunk, fused_kernels=True)

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import lora
-from lora import kernels
-from rawqlora import triton_support
+from fast import dropout_kernels as kernels
+from fast import triton_support
 from test_grad_ckpt import lora_grads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,6 +1,6 @@
 import torch
 
-from rawqlora.loss import causal_lm_loss
+from training.loss import causal_lm_loss
 from rawqlora.tiny import tiny_model
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rawqlora.optim import AdamW, LossScaler, lr_factor
+from training.optim import AdamW, LossScaler, lr_factor
 
 
 @pytest.mark.parametrize("foreach", [True, False])

@@ -28,7 +28,8 @@ import lora
 import merge
 import quant
 import train
-from rawqlora import checkpoint, cli
+from rawqlora import cli
+from training import checkpoint
 from rawqlora.errors import BadInput
 from rawqlora.tiny import tiny_model, train_tokenizer
 

@@ -11,10 +11,10 @@ import torch
 
 import lora
 import quant
-from lora import siblings
+from fast import siblings
 from lora.layer import LoRALinear
-from rawqlora import fused, triton_support
-from rawqlora.loss import causal_lm_loss
+from fast import fused, triton_support
+from training.loss import causal_lm_loss
 from test_lora_kernels import DEVICE, FP32_BOUND, keep_mask, keep_scale, rel_err
 
 

@@ -15,7 +15,7 @@ for one read and one write of both); this one walks the tokens in memory order.
 
 import torch
 
-from rawqlora.triton_support import tl, triton
+from fast.triton_support import tl, triton
 
 
 def rotate(x, cos, sin, backward=False):

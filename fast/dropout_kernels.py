@@ -42,7 +42,7 @@ against the formulas above in plain PyTorch, with the masks rebuilt from the has
 
 import torch
 
-from rawqlora.triton_support import tl, triton
+from fast.triton_support import tl, triton
 
 
 def keep_threshold(p):

@@ -29,10 +29,10 @@ since transformers' attention calls the three itself) and the SwiGLU MLPs' gate/
 
 import torch
 
-from lora import kernels
-from lora.function import b_side_grads, dense_weight, dropout_seed, output
+from fast import dropout_kernels as kernels
+from fast.lora_function import b_side_grads, dense_weight, dropout_seed, output
 from lora.layer import LoRALinear
-from rawqlora.fused import is_inference
+from fast.fused import is_inference
 
 
 def run_together(layers, x):

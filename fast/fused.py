@@ -43,8 +43,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from rawqlora import rotary_kernel, triton_support
-from rawqlora.grad_ckpt import is_recomputing
+from fast import rotary_kernel, triton_support
+from training.grad_ckpt import is_recomputing
 
 # RMSNorm classes whose forward is `w * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`.
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
@@ -307,7 +307,7 @@ def enable(model, compile=True):
     runs the LoRA layers of q/k/v and of gate/up together where they can (lora/siblings.py).
     Returns how many modules were swapped. `compile=False` keeps the eager path on CUDA too.
     """
-    from lora.siblings import run_together  # lora imports this module: imported here, not above
+    from fast.siblings import run_together  # lora imports this module: imported here, not above
 
     global COMPILE_ON_CUDA
     COMPILE_ON_CUDA = compile

@@ -39,9 +39,9 @@ this layer and PEFT's produce the same masks from the same seed (not so with `fu
 
 import torch
 
-from lora import kernels
+from fast import dropout_kernels as kernels
 from quant.linear4bit import Linear4bit, dequantize
-from rawqlora.fused import add_masked_, apply_mask, kernel, pack_mask
+from fast.fused import add_masked_, apply_mask, kernel, pack_mask
 
 
 def dense_weight(base, dtype):
