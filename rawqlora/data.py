@@ -1,8 +1,10 @@
 """The SFT data pipeline: files -> records -> token ids with loss labels -> batches.
 
     load_records(spec)          a local .json/.jsonl/.csv/.parquet/.txt file, or a Hub dataset name
+    parse_columns, parse_roles  the data's own names (--columns, --roles) -> ours
     detect_format(columns)      "chat" | "alpaca" | "prompt-response" | "text"
-    ensure_chat_template(tok)   ChatML when the tokenizer has no template (+ its tokens if missing)
+    prepare_tokenizer(tok, ...) the chat template and tokens a format needs: ChatML when the
+                                tokenizer has no template, ChatML's tokens when text holds ChatML
     encode(record, ...)         one record -> input_ids, labels (-100 where there is no loss)
     prepare(spec, ...)          all of the above for a train and an eval split, with counts
     batches, collate            deterministic length-grouped batches, right padding
@@ -14,10 +16,12 @@ and encode() sets it to -100 so that token counts are honest and packing is safe
 
 What gets a loss: the responses only (every assistant turn of a chat, alpaca's output,
 the response of prompt-response), each followed by EOS as a target so the model learns to
-stop; all tokens for text. `train_on_prompt=True` puts the loss on everything instead.
+stop; all tokens for text, or its responses when a --response-marker says where they start.
+`train_on_prompt=True` puts the loss on everything instead.
 """
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -37,8 +41,21 @@ IGNORE = IGNORE_INDEX  # the label that gets no loss (rawqlora/loss.py skips it)
 FORMATS = ("chat", "alpaca", "prompt-response", "text")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
-# Roles as written in the data -> roles the chat template knows (ShareGPT says human/gpt).
+# Roles as written in the data -> roles the chat template knows (ShareGPT says human/gpt);
+# --roles adds more (parse_roles).
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+# Where each part of a record may sit, first match wins. A chat turn's keys: role/content, or
+# ShareGPT's from/value (--columns role=...,content=... names others).
+CHAT_COLUMNS = ("messages", "conversations")
+PROMPT_COLUMNS = ("prompt", "question")
+RESPONSE_COLUMNS = ("response", "answer")
+TURN_KEYS = {"role": ("role", "from"), "content": ("content", "value")}
+# Our column names, the ones --columns can map the data's onto.
+COLUMNS = ("messages", "instruction", "input", "output", "prompt", "response", "system_prompt", "text")
+# What each format trains on, for the line that says which one was picked.
+TRAINS_ON = {"chat": "loss on the assistant turns", "alpaca": "Alpaca's prompt, loss on the output",
+             "prompt-response": "the chat template, loss on the response",
+             "text": "the text as written, loss on all of it, as TRL's dataset_text_field"}
 
 # Stanford Alpaca's prompts, verbatim, so alpaca-style checkpoints keep working.
 ALPACA_PROMPT = (
@@ -55,21 +72,26 @@ ALPACA_PROMPT_NO_INPUT = (
 # ----------------------------------------------------------------------------- loading
 
 
-def load_records(spec, split="train"):
+def load_records(spec, split="train", field=None):
     """Records from a local file (by extension) or, when `spec` is no local path, from the Hub.
 
-    .jsonl: one JSON object a line (blank lines skipped). .json: a list of objects, or JSON
-    lines. .csv: a header row, every cell a string. .parquet: one record a row. .txt: one
-    {"text": ...} record per paragraph (blocks separated by blank lines), so that multi-line
-    documents such as code or poems stay whole. `split` is used for Hub datasets only.
+    .json/.jsonl: read as one JSON document when the file is one: an array of objects, or one
+    object holding the records under a field (what load_dataset("json", field=...) reads;
+    `field` names it, else the object's only field that holds a list of objects); otherwise
+    JSON lines, one object a line (blank lines skipped). .csv: a header row, every cell a
+    string. .parquet: one record a row. .txt: one {"text": ...} record per paragraph (blocks
+    separated by blank lines), so that multi-line documents such as code or poems stay whole.
+    `split` is used for Hub datasets only, `field` for local JSON only.
     """
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
-        return _load_file(path)
+        return _load_file(path, field)
     if os.path.exists(path):
         raise BadInput(f"{spec} is a directory; give a data file ({', '.join(EXTENSIONS)})")
     if path.endswith(EXTENSIONS) or spec.startswith(("/", ".", "~")):
         raise BadInput(f"data file {spec} does not exist; check the path")
+    if field:
+        raise BadInput(f"--data-field applies to local JSON files, not to the Hub dataset {spec!r}; drop it")
     try:
         records = datasets.load_dataset(spec, split=split)
     except (OSError, ValueError) as e:  # not on the Hub, offline, no such split
@@ -83,10 +105,12 @@ def load_records(spec, split="train"):
     return records
 
 
-def _load_file(path):
+def _load_file(path, field=None):
     ext = os.path.splitext(path)[1].lower()
     if ext not in EXTENSIONS:
         raise BadInput(f"{path}: unsupported file type {ext or '(none)'}; use one of {', '.join(EXTENSIONS)}")
+    if field and ext not in (".json", ".jsonl"):
+        raise BadInput(f"--data-field applies to JSON files, not to {path}; drop it")
     if os.path.getsize(path) == 0:
         raise BadInput(f"{path} is empty; it needs at least one record")
     if ext == ".parquet":
@@ -101,10 +125,8 @@ def _load_file(path):
             rows = _csv_rows(path, text)
         elif ext == ".txt":
             rows = [{"text": p.strip()} for p in re.split(r"\n\s*\n", text) if p.strip()]
-        elif ext == ".json" and text.lstrip().startswith("["):
-            rows = _json_array(path, text)
-        else:  # .jsonl, and .json files that hold JSON lines (common)
-            rows = _json_lines(path, text)
+        else:
+            rows = _json_rows(path, text, ext, field)
     if not rows:
         raise BadInput(f"{path} is empty (no records); it needs at least one record")
     # Columns from every record, not just the first (from_list would drop keys the first
@@ -124,15 +146,60 @@ def _csv_rows(path, text):
     return rows
 
 
-def _json_array(path, text):
+def _json_rows(path, text, ext, field):
+    """A JSON file's records: the whole file as one JSON document when it parses as one, else
+    JSON lines. A malformed file is reported line by line only when it looks like JSON lines
+    (.jsonl, or a first line that is an object on its own); a broken pretty-printed document
+    gets the document's error, not "line 1: ... each line must be one JSON object"."""
     try:
-        rows = json.loads(text)
+        document = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadInput(f"{path} line {e.lineno}: malformed JSON ({e.msg}); fix the file") from e
-    for i, row in enumerate(rows):
+        if not (ext == ".jsonl" or _first_line_is_an_object(text)):
+            raise BadInput(f"{path} line {e.lineno}: malformed JSON ({e.msg}); fix the file") from e
+        if field:
+            raise BadInput(f"--data-field {field!r}: {path} holds JSON lines, not one object with fields; drop it")
+        return _json_lines(path, text)
+    if isinstance(document, dict):
+        document = _records_in_object(path, document, ext, field)
+    elif field:
+        raise BadInput(f"--data-field {field!r}: {path} holds a JSON {type(document).__name__}, "
+                       "not one object with fields; drop it")
+    if not isinstance(document, list):
+        raise BadInput(f"{path} holds a JSON {type(document).__name__}; it needs a list of records (JSON objects)")
+    for i, row in enumerate(document):
         if not isinstance(row, dict):
             raise BadInput(f"{path}: item {i} has type {type(row).__name__}; every record must be a JSON object")
-    return rows
+    return document
+
+
+def _first_line_is_an_object(text):
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _records_in_object(path, document, ext, field):
+    """The records of a file that holds one JSON object: those under `field`, or under its only
+    field that holds a list of objects (SQuAD-style {"version": ..., "data": [...]}). An object
+    without such a field is one record, and so is any object in a .jsonl file. A list of chat
+    turns (messages, conversations) belongs to a record, so it never counts as the records."""
+    if field:
+        if field not in document:
+            raise BadInput(f"--data-field {field!r}: {path} has no such field (fields: {', '.join(document)})")
+        return document[field]
+    lists = [key for key, value in document.items() if key not in CHAT_COLUMNS and _is_records(value)]
+    if ext == ".jsonl" or not lists:
+        return [document]
+    if len(lists) > 1:
+        raise BadInput(f"{path} holds one object with several lists of records ({', '.join(lists)}); "
+                       "pick one with --data-field")
+    return document[lists[0]]
+
+
+def _is_records(value):
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
 
 
 def _json_lines(path, text):
@@ -153,26 +220,124 @@ def _json_lines(path, text):
     return rows
 
 
+# ----------------------------------------------------------------------------- other names: --columns, --roles
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """How records name their parts where they differ from ours; the defaults read ours."""
+
+    roles: dict = dataclasses.field(default_factory=lambda: dict(ROLES))  # the data's role names -> ours (--roles)
+    turn_keys: dict = dataclasses.field(default_factory=lambda: dict(TURN_KEYS))  # a chat turn's keys (--columns)
+    response_marker: str = ""  # text data: each response starts after this (--response-marker)
+    prompt_marker: str = ""  # text data: ... and ends where this starts (--prompt-marker)
+
+
+def _pairs(text, flag, example):
+    """'a=b, c=d' -> [("a", "b"), ("c", "d")]; anything else is a one-line BadInput."""
+    pairs = []
+    for item in text.split(","):
+        ours, eq, theirs = (part.strip() for part in item.partition("="))
+        if not (eq and ours and theirs):
+            raise BadInput(f"{flag} {text!r}: {item.strip()!r} is not OURS=THEIRS; e.g. {flag} {example}")
+        pairs.append((ours, theirs))
+    return pairs
+
+
+def parse_columns(text):
+    """--columns 'messages=conversation,role=from,content=text' -> (renames, turn_keys).
+
+    OURS=THEIRS pairs, as LLaMA-Factory's dataset_info "columns" and axolotl's
+    field_messages/message_property_mappings write them. Our column names (COLUMNS) become
+    renames {theirs: ours} of the data's columns; role/content name the keys inside each
+    chat turn, and replace the defaults (role or from, content or value).
+    """
+    renames, turn_keys = {}, dict(TURN_KEYS)
+    seen = set()
+    for ours, theirs in _pairs(text, "--columns", "messages=conversation,role=from,content=text"):
+        if ours in seen:
+            raise BadInput(f"--columns {text!r}: {ours!r} is mapped twice; map each of our names once")
+        seen.add(ours)
+        if ours in TURN_KEYS:
+            turn_keys[ours] = (theirs,)
+        elif ours in COLUMNS:
+            renames[theirs] = ours
+        else:
+            ours_all = ", ".join(COLUMNS + tuple(TURN_KEYS))
+            raise BadInput(f"--columns {text!r}: {ours!r} is none of our names ({ours_all}); "
+                           "write OURS=THEIRS, e.g. messages=conversation")
+    return renames, turn_keys
+
+
+def parse_roles(text):
+    """--roles 'user=Guest,assistant=Lex' -> ROLES plus {their role: ours}, OURS=THEIRS as in
+    parse_columns; one role of ours may take several of theirs (user=Guest,user=Caller)."""
+    roles = dict(ROLES)
+    for ours, theirs in _pairs(text, "--roles", "user=Guest,assistant=Lex"):
+        if ours not in ("system", "user", "assistant"):
+            raise BadInput(f"--roles {text!r}: {ours!r} is not one of our roles (system, user, assistant); "
+                           "write OURS=THEIRS, e.g. user=Guest")
+        roles[theirs] = ours
+    return roles
+
+
+def rename_columns(records, renames, name):
+    """The data's columns under our names: parse_columns' renames {theirs: ours} applied."""
+    if not renames:
+        return records
+    missing = [theirs for theirs in renames if theirs not in records.column_names]
+    if missing:
+        raise BadInput(f"--columns: {name} has no column {missing[0]!r} (its columns: "
+                       f"{', '.join(records.column_names)}); write OURS=THEIRS, e.g. messages=conversation")
+    # A column already under our name gives way: `text=body` says "train on body", whatever
+    # `text` holds (datasets would refuse the rename).
+    shadowed = [ours for ours in renames.values() if ours in records.column_names and ours not in renames]
+    return records.remove_columns(shadowed).rename_columns(renames)
+
+
 # ----------------------------------------------------------------------------- formats
 
 
-def detect_format(columns):
-    """The format the column names say. Structured formats win over `text`, because datasets
-    such as tatsu-lab/alpaca also carry a pre-rendered `text` column."""
+def fitting_formats(columns):
+    """Every format the column names fit, in the order auto-detection prefers them.
+
+    Structured formats come before `text`. Where a dataset has both, its `text` is usually
+    a rendering of the same fields (tatsu-lab/alpaca's is Alpaca's prompt + output), and the
+    fields say where the prompt ends, so the loss can fall on the response alone, as TRL's
+    SFTTrainer does by default when it is given a prompt/completion split
+    (completion_only_loss=None). Told dataset_text_field="text", SFTTrainer trains on the
+    text, prompt included: `--format text` does that here, and prepare() says so.
+    """
     cols = set(columns)
-    if cols & {"messages", "conversations"}:
-        return "chat"
+    fits = []
+    if cols & set(CHAT_COLUMNS):
+        fits.append("chat")
     if {"instruction", "output"} <= cols:
-        return "alpaca"
-    if {"prompt", "response"} <= cols or {"question", "answer"} <= cols:
-        return "prompt-response"
+        fits.append("alpaca")
+    if cols & set(PROMPT_COLUMNS) and cols & set(RESPONSE_COLUMNS):  # OpenOrca: question + response
+        fits.append("prompt-response")
     if "text" in cols:
-        return "text"
-    raise BadInput(
-        f"can't tell the data format from the columns {sorted(cols)}; expected messages or "
-        "conversations (chat), instruction+output[+input] (alpaca), prompt+response or "
-        "question+answer[+system_prompt] (prompt-response), or text (text)"
-    )
+        fits.append("text")
+    return fits
+
+
+def detect_format(columns):
+    """The format the column names say: the first of fitting_formats()."""
+    fits = fitting_formats(columns)
+    if not fits:
+        raise BadInput(
+            f"can't tell the data format from the columns {sorted(columns)}; expected messages or "
+            "conversations (chat), instruction+output[+input] (alpaca), prompt or question + response "
+            "or answer [+system_prompt] (prompt-response), or text (text); --columns maps other names"
+        )
+    return fits[0]
+
+
+def format_notice(columns, fits):
+    """The line that says which format several fitting ones won, why, and how to pick another."""
+    others = "; ".join(f"--format {fmt}: {TRAINS_ON[fmt]}" for fmt in fits[1:])
+    return (f"the columns {', '.join(sorted(columns))} fit {' and '.join(fits)}; training as {fits[0]} "
+            f"({TRAINS_ON[fits[0]]}): structured formats come first; {others}")
 
 
 def alpaca_prompt(instruction, input=""):
@@ -180,6 +345,25 @@ def alpaca_prompt(instruction, input=""):
     if input:
         return ALPACA_PROMPT.format(instruction=instruction, input=input)
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def text_segments(text, response_marker="", prompt_marker=""):
+    """(piece, is_target) pieces of a text: all of it, or only its responses when a response
+    marker says where they start: each runs from after the marker to the next prompt marker,
+    or to the end (the masking of TRL's DataCollatorForCompletionOnlyLM with its response and
+    instruction templates). Guanaco: "### Assistant:" and "### Human:"; Llama 2: "[/INST]" and
+    "[INST]". Markers stay outside the responses: they are the prompt's way of asking.
+    """
+    if not response_marker:
+        return [(text, True)]
+    segments, at = [], 0
+    while (start := text.find(response_marker, at)) != -1:
+        start += len(response_marker)
+        end = text.find(prompt_marker, start) if prompt_marker else -1
+        end = len(text) if end == -1 else end
+        segments += [(text[at:start], False), (text[start:end], True)]
+        at = end
+    return segments + [(text[at:], False)]
 
 
 def _field(record, name, required=True):
@@ -193,36 +377,46 @@ def _field(record, name, required=True):
     return value
 
 
-def to_messages(record, fmt):
+def _given(record, names):
+    """The first of `names` the record has a value for (else the first, for the error)."""
+    return next((name for name in names if record.get(name) is not None), names[0])
+
+
+def to_messages(record, fmt, schema=Schema()):
     """A chat or prompt-response record as [{"role", "content"}, ...] with roles system/user/assistant.
 
     prompt-response is a one-turn chat ([system_prompt,] prompt, response) rendered with the
     tokenizer's chat template, so the model is trained in the format it is prompted with.
+    A chat turn's role and content sit under the first of schema.turn_keys["role"] /
+    ["content"] it has; schema.roles maps the data's role names to ours.
     """
     if fmt == "prompt-response":
-        prompt, answer = ("prompt", "response") if "prompt" in record else ("question", "answer")
         system = _field(record, "system_prompt", required=False)
         messages = [{"role": "system", "content": system}] if system else []
         return messages + [
-            {"role": "user", "content": _field(record, prompt)},
-            {"role": "assistant", "content": _field(record, answer)},
+            {"role": "user", "content": _field(record, _given(record, PROMPT_COLUMNS))},
+            {"role": "assistant", "content": _field(record, _given(record, RESPONSE_COLUMNS))},
         ]
-    key = "messages" if record.get("messages") is not None else "conversations"
+    key = _given(record, CHAT_COLUMNS)
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
         raise BadInput(f"field {key!r} must be a non-empty list of messages")
+    turn_keys, roles = schema.turn_keys, schema.roles
+    role_keys, content_keys = "/".join(turn_keys["role"]), "/".join(turn_keys["content"])
     messages = []
     for j, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise BadInput(f"{key}[{j}] has type {type(turn).__name__}; expected an object with role/content or from/value")
+            raise BadInput(f"{key}[{j}] has type {type(turn).__name__}; "
+                           f"expected an object with {role_keys} and {content_keys}")
         # Both spellings may sit in one column (datasets merges the struct fields, None where absent).
-        role = turn.get("role") if turn.get("role") is not None else turn.get("from")
-        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
-        if not isinstance(role, str) or role not in ROLES:
-            raise BadInput(f"{key}[{j}] has role {role!r}; use system/user/assistant (or ShareGPT's system/human/gpt)")
+        role = turn.get(_given(turn, turn_keys["role"]))
+        content = turn.get(_given(turn, turn_keys["content"]))
+        if not isinstance(role, str) or role not in roles:
+            raise BadInput(f"{key}[{j}] has role {role!r}; use system/user/assistant (or ShareGPT's "
+                           "system/human/gpt), or map yours with --roles (e.g. user=Guest,assistant=Lex)")
         if not isinstance(content, str):
-            raise BadInput(f"{key}[{j}] has content {content!r}; every message needs a string content (or value)")
-        messages.append({"role": ROLES[role], "content": content})
+            raise BadInput(f"{key}[{j}] has content {content!r}; every message needs a string {content_keys}")
+        messages.append({"role": roles[role], "content": content})
     return messages
 
 
@@ -233,10 +427,9 @@ def ensure_chat_template(tokenizer, force_chatml=False):
     """Make `tokenizer` able to render chats; returns (notices, new_token_ids). Mutates `tokenizer`.
 
     Without a chat template (or with `force_chatml`, e.g. for a base model whose template
-    belongs to its instruct sibling) the template becomes ChatML, and `<|im_start|>` /
-    `<|im_end|>` are added as special tokens unless the vocabulary already has each as one
-    token. `new_token_ids` are rows the model does not have yet: the caller must resize the
-    embeddings (and train or mean-initialise those rows). `notices` are lines to print.
+    belongs to its instruct sibling) the template becomes ChatML and its tokens are added
+    (add_chatml_tokens). `new_token_ids` are rows the model does not have yet: the caller must
+    resize the embeddings (and train or mean-initialise those rows). `notices` are lines to print.
     """
     if tokenizer.chat_template is not None and not force_chatml:
         return [], []
@@ -244,13 +437,44 @@ def ensure_chat_template(tokenizer, force_chatml=False):
     tokenizer.chat_template = CHATML_TEMPLATE
     notices = ["using ChatML instead of the tokenizer's chat template" if had_template
                else "the tokenizer has no chat template; using ChatML"]
+    added, new_ids = add_chatml_tokens(tokenizer)
+    return notices + added, new_ids
+
+
+def add_chatml_tokens(tokenizer):
+    """<|im_start|>/<|im_end|> as special tokens, those the vocabulary lacks as one token ->
+    (notices, new_token_ids). One token each, so that the model learns a turn's end as one
+    prediction and generate.py, which stops at <|im_end|> when the vocabulary has it, can."""
     missing = [t for t in CHATML_TOKENS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     if not missing:
-        return notices, []
+        return [], []
     tokenizer.add_tokens(missing, special_tokens=True)
     new_ids = tokenizer.convert_tokens_to_ids(missing)
-    notices.append(f"added {' '.join(missing)} to the vocabulary as special tokens (ids {new_ids})")
-    return notices, new_ids
+    return [f"added {' '.join(missing)} to the vocabulary as special tokens (ids {new_ids})"], new_ids
+
+
+def holds_chatml(texts):
+    """Whether any of `texts` has ChatML already rendered in it (<|im_start|> or <|im_end|>)."""
+    return any(isinstance(t, str) and (CHATML_TOKENS[0] in t or CHATML_TOKENS[1] in t) for t in texts)
+
+
+def ensure_chatml_text(tokenizer, force_chatml=False):
+    """For text data that holds ChatML (e.g. OpenAssistant converted to ChatML) -> (notices,
+    new_token_ids). Mutates `tokenizer`: its markers become single tokens, as for chat data,
+    and ChatML becomes the chat template when there is none (or with `force_chatml`), so that
+    the saved tokenizer prompts the model as it was trained. A template of another kind is
+    kept, with a notice: the text trains the same either way, only prompting would differ.
+    """
+    notices = ["the text holds ChatML (<|im_start|>/<|im_end|>): they become single tokens, "
+               "and generation stops at <|im_end|>"]
+    if tokenizer.chat_template is None or force_chatml:
+        more, new_ids = ensure_chat_template(tokenizer, force_chatml)
+        return notices + more, new_ids
+    more, new_ids = add_chatml_tokens(tokenizer)
+    if CHATML_TOKENS[0] not in tokenizer.chat_template:
+        more.append("the tokenizer's chat template is not ChatML, so chat prompts will not look like "
+                    "this text; --add-chatml-tokens makes ChatML the template")
+    return notices + more, new_ids
 
 
 def _render(tokenizer, messages, add_generation_prompt=False):
@@ -305,23 +529,25 @@ def _with_eos(text, tokenizer):
 # ----------------------------------------------------------------------------- encoding
 
 
-def encode(record, tokenizer, fmt, max_len, train_on_prompt=False):
+def encode(record, tokenizer, fmt, max_len, train_on_prompt=False, schema=Schema()):
     """One record -> ({"input_ids": [...], "labels": [...]}, truncated: bool).
 
     labels[i] == input_ids[i] where there is loss, -100 elsewhere. BOS is prepended when the
     tokenizer has one and the text does not already start with it. The whole text is
     tokenized at once (as at inference) and each token is labelled by its character offsets:
     a token that overlaps a response is a target. Truncation keeps the first `max_len` tokens.
+    `schema` says where the parts are when the data does not use our names (Schema).
     """
     if tokenizer.eos_token is None:
         raise BadInput("the tokenizer has no EOS token; set tokenizer.eos_token so the model can learn to stop")
     if fmt == "text":
-        segments = [(_with_eos(_field(record, "text"), tokenizer), True)]
+        text = _with_eos(_field(record, "text"), tokenizer)
+        segments = text_segments(text, schema.response_marker, schema.prompt_marker)
     elif fmt == "alpaca":
         prompt = alpaca_prompt(_field(record, "instruction"), _field(record, "input", required=False))
         segments = [(prompt, False), (_with_eos(_field(record, "output"), tokenizer), True)]
     elif fmt in ("chat", "prompt-response"):
-        segments = _chat_segments(to_messages(record, fmt), tokenizer)
+        segments = _chat_segments(to_messages(record, fmt, schema), tokenizer)
     else:
         raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")  # prepare() checks users' input
 
@@ -342,15 +568,21 @@ def encode(record, tokenizer, fmt, max_len, train_on_prompt=False):
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}, len(ids) > max_len
 
 
-def prepare(spec, tokenizer, fmt="auto", max_len=1024, train_on_prompt=False,
-            eval_split=0.05, eval_data=None, seed=0, force_chatml=False):
+def prepare(spec, tokenizer, fmt="auto", max_len=1024, train_on_prompt=False, eval_split=0.05, eval_data=None,
+            seed=0, force_chatml=False, columns="", roles="", data_field="", response_marker="", prompt_marker=""):
     """Load, check and encode a dataset -> (train_samples, eval_samples, stats).
 
     The eval samples come from `eval_data` (a file or Hub name, same format) when given,
     else from a seeded random `eval_split` fraction of the records (at least one record when
     the fraction is > 0 and there are two or more). Samples with no target token left (e.g.
-    the response was truncated away) are dropped and counted. For chat-like formats
-    ensure_chat_template() runs first: print stats["notices"], resize for stats["new_token_ids"].
+    the response was truncated away) are dropped and counted. The tokenizer gets what the
+    format needs first (prepare_tokenizer): print stats["notices"], resize for
+    stats["new_token_ids"].
+
+    Data that does not use our names: `columns` ("messages=conversation,role=from,content=text",
+    parse_columns), `roles` ("user=Guest,assistant=Lex", parse_roles), `data_field` (the field
+    of a .json file's one object that holds the records, see load_records). Text data:
+    `response_marker` / `prompt_marker` put the loss on the responses only (text_segments).
 
     stats = {"format", "notices", "new_token_ids",
              "train": {"records", "samples", "truncated", "dropped", "tokens", "target_tokens"},
@@ -362,12 +594,26 @@ def prepare(spec, tokenizer, fmt="auto", max_len=1024, train_on_prompt=False,
         raise BadInput(f"max_len={max_len} leaves no room for a target token; use at least 2")
     if not 0 <= eval_split < 1:
         raise BadInput(f"eval_split={eval_split} must be a fraction in [0, 1)")
-    records = load_records(spec)
+    if prompt_marker and not response_marker:
+        raise BadInput("--prompt-marker needs --response-marker (where each response starts)")
+    renames, turn_keys = parse_columns(columns) if columns else ({}, TURN_KEYS)
+    schema = Schema(parse_roles(roles) if roles else ROLES, turn_keys, response_marker, prompt_marker)
+
+    def load(name):
+        return rename_columns(load_records(name, field=data_field or None), renames, name)
+
+    records = load(spec)
     auto = fmt == "auto"
-    fmt = detect_format(records.column_names) if auto else fmt
     notices = []
+    if auto:
+        fmt = detect_format(records.column_names)
+        fits = fitting_formats(records.column_names)
+        if len(fits) > 1:
+            notices.append(format_notice(records.column_names, fits))
+    if response_marker and fmt != "text":
+        raise BadInput(f"--response-marker applies to text data; {fmt} data says where its responses are itself")
     if eval_data is not None:
-        eval_records = load_records(eval_data)
+        eval_records = load(eval_data)
         eval_fmt = detect_format(eval_records.column_names) if auto else fmt
         if eval_fmt != fmt:
             raise BadInput(f"eval data {eval_data} is {eval_fmt} but the training data is {fmt}; use one format")
@@ -381,23 +627,38 @@ def prepare(spec, tokenizer, fmt="auto", max_len=1024, train_on_prompt=False,
             notices.append("only one record: no eval split")
         train_idx, eval_idx = sorted(order[n_eval:]), sorted(order[:n_eval])
 
-    new_ids = []
-    if fmt in ("chat", "prompt-response"):
-        chat_notices, new_ids = ensure_chat_template(tokenizer, force_chatml)
-        notices += chat_notices
-    args = (tokenizer, fmt, max_len, train_on_prompt)
+    tokenizer_notices, new_ids = prepare_tokenizer(tokenizer, fmt, force_chatml, records, eval_records)
+    notices += tokenizer_notices
+    args = (tokenizer, fmt, max_len, train_on_prompt, schema)
     train, train_stats = _encode_all(spec, records, train_idx, *args)
     evals, eval_stats = _encode_all(eval_data or spec, eval_records, eval_idx, *args)
     stats = {"format": fmt, "notices": notices, "new_token_ids": new_ids, "train": train_stats, "eval": eval_stats}
     return train, evals, stats
 
 
-def _encode_all(name, records, indices, tokenizer, fmt, max_len, train_on_prompt):
+def prepare_tokenizer(tokenizer, fmt, force_chatml, *record_sets):
+    """The chat template and tokens `fmt` needs -> (notices, new_token_ids); mutates `tokenizer`.
+
+    Chat-like formats render with a chat template (ensure_chat_template); text that holds
+    ChatML gets its markers as tokens (ensure_chatml_text). `force_chatml` anywhere else
+    would change nothing the model sees, so it is refused rather than ignored.
+    """
+    if fmt in ("chat", "prompt-response"):
+        return ensure_chat_template(tokenizer, force_chatml)
+    if fmt == "text" and any("text" in r.column_names and holds_chatml(r["text"]) for r in record_sets):
+        return ensure_chatml_text(tokenizer, force_chatml)
+    if force_chatml:
+        why = "its text holds no <|im_start|>/<|im_end|>" if fmt == "text" else "Alpaca's prompt uses no chat template"
+        raise BadInput(f"--add-chatml-tokens does nothing for this {fmt} data ({why}); drop it")
+    return [], []
+
+
+def _encode_all(name, records, indices, tokenizer, fmt, max_len, train_on_prompt, schema):
     samples = []
     counts = dict(records=len(indices), samples=0, truncated=0, dropped=0, tokens=0, target_tokens=0)
     for i in indices:
         try:
-            sample, truncated = encode(records[i], tokenizer, fmt, max_len, train_on_prompt)
+            sample, truncated = encode(records[i], tokenizer, fmt, max_len, train_on_prompt, schema)
         except BadInput as e:
             raise BadInput(f"{name} record {i} (0-based): {e}") from e
         counts["truncated"] += truncated

@@ -21,8 +21,11 @@ from rawqlora.data import (
     detect_format,
     encode,
     ensure_chat_template,
+    fitting_formats,
     load_records,
     pack,
+    parse_columns,
+    parse_roles,
     prepare,
 )
 from rawqlora.errors import BadInput
@@ -49,7 +52,16 @@ SHAREGPT = {
 ALPACA = {"instruction": "Translate to French.", "input": "good morning", "output": "bonjour"}
 ALPACA_NO_INPUT = {"instruction": "Write a haiku about autumn.", "input": "", "output": "Leaves fall on the river."}
 PROMPT_RESPONSE = {"system_prompt": "You write code.", "prompt": "def add(a, b):", "response": "    return a + b"}
+OPENORCA = {"id": "niv.1", "system_prompt": "Be brief.", "question": "Add 2 and 3.", "response": "5"}
 TEXT = {"text": "The quick brown fox jumps over the lazy dog."}
+# A messages column under other names (--columns, --roles), as in podcast transcripts.
+LEX = {"id": 7, "conversation": [{"from": "Guest", "text": "What is the capital of France?"},
+                                 {"from": "Lex", "text": "Paris."}]}
+# Tutorials' prompt formats rendered into a text column: openassistant-guanaco (turns joined
+# with nothing between them, as in timdettmers/openassistant-guanaco) and Llama 2's [INST].
+GUANACO = {"text": "### Human: What is the capital of France?### Assistant: Paris."
+                   "### Human: And of Italy?### Assistant: Rome."}
+LLAMA2 = {"text": "<s>[INST] What is the capital of France? [/INST] Paris. </s>"}
 
 
 def chatml(*turns):
@@ -121,10 +133,16 @@ def write_jsonl(path, records):
             f"<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n4<|im_end|>{EOS}\n",
             [f"4<|im_end|>{EOS}"],
         ),
+        (
+            OPENORCA, "prompt-response",
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAdd 2 and 3.<|im_end|>\n"
+            f"<|im_start|>assistant\n5<|im_end|>{EOS}\n",
+            [f"5<|im_end|>{EOS}"],
+        ),
         # text: every token is a target except BOS, which nothing predicts.
         (TEXT, "text", TEXT["text"] + EOS, [TEXT["text"] + EOS]),
     ],
-    ids=["chat", "sharegpt", "alpaca", "alpaca-no-input", "prompt-response", "question-answer", "text"],
+    ids=["chat", "sharegpt", "alpaca", "alpaca-no-input", "prompt-response", "question-answer", "openorca", "text"],
 )
 def test_masks_cover_exactly_the_responses(tokenizer, record, fmt, text, targets):
     sample, truncated = encode(record, tokenizer, fmt, max_len=512)
@@ -164,8 +182,10 @@ def test_every_file_type_loads_the_same_records(tmp_path):
     jsonl = write_jsonl(tmp_path / "d.jsonl", records)
     (tmp_path / "array.json").write_text(json.dumps(records, indent=1))
     (tmp_path / "lines.json").write_text(open(jsonl).read())
+    (tmp_path / "pretty.jsonl").write_text(json.dumps(records, indent=1))  # a JSON array, whatever the name says
+    (tmp_path / "object.json").write_text(json.dumps({"version": "1.0", "data": records}, indent=1))  # field="data"
     pq.write_table(pa.Table.from_pylist(expected), tmp_path / "d.parquet")
-    for name in ["d.jsonl", "array.json", "lines.json", "d.parquet"]:
+    for name in ["d.jsonl", "array.json", "lines.json", "pretty.jsonl", "object.json", "d.parquet"]:
         loaded = load_records(str(tmp_path / name))
         assert [dict(r) for r in loaded] == expected, name  # keys the first record lacks survive
     (tmp_path / "d.csv").write_text('\ufeffinstruction,input,output\n"a\n\nb",,b\nc,d,e\n')  # BOM, multi-line cell
@@ -173,6 +193,32 @@ def test_every_file_type_loads_the_same_records(tmp_path):
         {"instruction": "a\n\nb", "input": "", "output": "b"},
         {"instruction": "c", "input": "d", "output": "e"},
     ]
+
+
+def test_json_object_with_the_records_under_a_field(tmp_path):
+    """What load_dataset("json", field=...) reads: the records in a field of one object, found
+    when it is the object's only list of objects, else named by `field` (--data-field)."""
+    records = [{"text": "a"}, {"text": "b"}]
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": records, "test": records[:1], "version": 2}, indent=2))
+    with pytest.raises(BadInput, match=r"splits.json holds one object with several lists of records \(train, test\); "
+                                       "pick one with --data-field$"):
+        load_records(str(path))
+    assert list(load_records(str(path), field="test")) == records[:1]
+    with pytest.raises(BadInput, match=r"--data-field 'dev': .*splits.json has no such field "
+                                       r"\(fields: train, test, version\)$"):
+        load_records(str(path), field="dev")
+    # An object with no list of records is one record; a chat's turns are a record's, not the file's.
+    (tmp_path / "one.json").write_text(json.dumps(TEXT, indent=2))
+    (tmp_path / "chat.json").write_text(json.dumps(CHAT, indent=2))
+    assert list(load_records(str(tmp_path / "one.json"))) == [TEXT]
+    assert list(load_records(str(tmp_path / "chat.json"))) == [CHAT]
+    # --data-field where there is no object to take it from.
+    write_jsonl(tmp_path / "d.jsonl", records * 2)
+    (tmp_path / "d.csv").write_text("text\na\n")
+    for name, what in [("d.jsonl", "holds JSON lines, not one object"), ("d.csv", "applies to JSON files, not to")]:
+        with pytest.raises(BadInput, match=f"--data-field.*{what}"):
+            load_records(str(tmp_path / name), field="data")
 
 
 def test_txt_is_one_record_per_paragraph(tmp_path):
@@ -189,6 +235,10 @@ def test_txt_is_one_record_per_paragraph(tmp_path):
         ("data.xlsx", "x", "unsupported file type .xlsx"),
         ("bad.jsonl", '{"text": "a"}\n\n{"text": "b",}\n', "bad.jsonl line 3: malformed JSON"),
         ("bad.json", '[\n{"text": "a"},\n{"text" "b"}\n]', "bad.json line 3: malformed JSON"),
+        # A pretty-printed document gets its own error, not the JSON-lines one.
+        ("pretty.json", '{\n  "data": [\n    {"text": "a"},\n  ]\n}',
+         r"pretty.json line 4: malformed JSON \(Expecting value\); fix the file$"),
+        ("number.json", "3", "number.json holds a JSON int; it needs a list of records"),
         ("list.jsonl", '{"text": "a"}\n["b"]\n', "list.jsonl line 2: a JSON list, not an object"),
         ("cells.csv", "text\na\nb,c\n", "cells.csv line 3: more cells than the header"),
     ],
@@ -210,9 +260,118 @@ def test_detect_format():
     assert detect_format(["instruction", "input", "output", "text"]) == "alpaca"  # tatsu-lab/alpaca
     assert detect_format(["prompt", "response", "system_prompt"]) == "prompt-response"
     assert detect_format(["question", "answer"]) == "prompt-response"
+    assert detect_format(["id", "system_prompt", "question", "response"]) == "prompt-response"  # OpenOrca
     assert detect_format(["text", "id"]) == "text"
-    with pytest.raises(BadInput, match=r"columns \['body', 'title'\].*expected messages"):
+    assert fitting_formats(["messages", "prompt", "response", "text"]) == ["chat", "prompt-response", "text"]
+    with pytest.raises(BadInput, match=r"columns \['body', 'title'\].*expected messages.*--columns maps other names$"):
         detect_format(["title", "body"])
+
+
+def test_columns_that_fit_two_formats_say_which_won_and_how_to_pick_the_other(tmp_path, tokenizer):
+    """An Alpaca CSV that also has a text column trains as alpaca (loss on the output only),
+    with a line that says so and names --format text, which trains on the text as TRL would."""
+    path = tmp_path / "alpaca.csv"
+    path.write_text("instruction,input,output,text\n"
+                    'Translate to French.,good morning,bonjour,"Q: good morning A: bonjour"\n')
+    train, _, stats = prepare(str(path), tokenizer, eval_split=0)
+    assert stats["format"] == "alpaca"
+    assert stats["notices"] == [
+        "the columns input, instruction, output, text fit alpaca and text; training as alpaca (Alpaca's prompt, "
+        "loss on the output): structured formats come first; --format text: the text as written, loss on all "
+        "of it, as TRL's dataset_text_field"
+    ]
+    assert target_runs(train[0], tokenizer) == [f"bonjour{EOS}"]
+    train, _, stats = prepare(str(path), tokenizer, fmt="text", eval_split=0)
+    assert stats["format"] == "text" and stats["notices"] == []
+    assert target_runs(train[0], tokenizer) == [f"Q: good morning A: bonjour{EOS}"]
+
+
+# ----------------------------------------------------------------------------- other names: --columns, --roles
+
+
+def test_columns_and_roles_map_other_names(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [LEX])
+    train, _, stats = prepare(path, tokenizer, eval_split=0, columns="messages=conversation, role=from, content=text",
+                              roles="user=Guest,assistant=Lex")
+    assert stats["format"] == "chat"
+    assert tokenizer.decode(train[0]["input_ids"]) == (
+        "<s><|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+        f"<|im_start|>assistant\nParis.<|im_end|>{EOS}\n"
+    )
+    assert target_runs(train[0], tokenizer) == [f"Paris.<|im_end|>{EOS}"]
+    assert parse_columns("messages=conversation,role=from,content=text") == (
+        {"conversation": "messages"}, {"role": ("from",), "content": ("text",)})
+    assert parse_roles("user=Guest,user=Caller") == {
+        "system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant",
+        "Guest": "user", "Caller": "user"}
+    # Top-level names of any format; ours gives way to the column mapped onto it.
+    path = write_jsonl(tmp_path / "t.jsonl", [{"body": "The quick brown fox.", "text": "unused"}])
+    train, _, stats = prepare(path, tokenizer, eval_split=0, columns="text=body")
+    assert stats["format"] == "text" and tokenizer.decode(train[0]["input_ids"]) == f"<s>The quick brown fox.{EOS}"
+
+
+@pytest.mark.parametrize(
+    "columns, roles, message",
+    [
+        ("messages", "", r"^--columns 'messages': 'messages' is not OURS=THEIRS; e.g. --columns messages=conv"),
+        ("messages=", "", "'messages=' is not OURS=THEIRS"),
+        ("conversation=messages", "", r"'conversation' is none of our names \(messages, .*\); write OURS=THEIRS"),
+        ("messages=conversation,messages=turns", "", "'messages' is mapped twice"),
+        ("messages=dialogue", "", r"^--columns: .*d.jsonl has no column 'dialogue' \(its columns: id, conversation\)"),
+        ("", "Guest=user", r"^--roles 'Guest=user': 'Guest' is not one of our roles \(system, user, assistant\); "
+                           "write OURS=THEIRS, e.g. user=Guest$"),
+        ("messages=conversation,role=from,content=text", "user=Guest",
+         r"record 0 \(0-based\): messages\[1\] has role 'Lex'; .*map yours with --roles"),
+        ("messages=conversation,role=from", "user=Guest,assistant=Lex",
+         r"messages\[0\] has content None; every message needs a string content/value$"),
+    ],
+)
+def test_bad_columns_and_roles_are_one_line(tmp_path, tokenizer, columns, roles, message):
+    with pytest.raises(BadInput, match=message):
+        prepare(write_jsonl(tmp_path / "d.jsonl", [LEX]), tokenizer, eval_split=0, columns=columns, roles=roles)
+
+
+# ----------------------------------------------------------------------------- tutorials' prompt formats as text
+
+
+@pytest.mark.parametrize("record", [GUANACO, LLAMA2], ids=["guanaco", "llama2-inst"])
+def test_tutorial_prompt_formats_train_as_text(tokenizer, record):
+    """Loss on every token; a text that writes its own <s> and </s> gets no second one."""
+    sample, _ = encode(record, tokenizer, "text", max_len=512)
+    ids = sample["input_ids"]
+    expected = record["text"] if record is LLAMA2 else f"<s>{record['text']}{EOS}"
+    assert tokenizer.decode(ids) == expected
+    assert ids.count(tokenizer.bos_token_id) == ids.count(tokenizer.eos_token_id) == 1
+    assert sample["labels"] == [IGNORE] + ids[1:]
+
+
+@pytest.mark.parametrize(
+    "record, response_marker, prompt_marker, targets",
+    [
+        (GUANACO, "### Assistant:", "### Human:", [" Paris.", f" Rome.{EOS}"]),
+        (LLAMA2, "[/INST]", "[INST]", [f" Paris. {EOS}"]),
+        # No prompt marker: everything after the first response marker (TRL without an instruction template).
+        (GUANACO, "### Assistant:", "", [f" Paris.### Human: And of Italy?### Assistant: Rome.{EOS}"]),
+    ],
+    ids=["guanaco", "llama2-inst", "response-marker-only"],
+)
+def test_response_markers_put_the_loss_on_the_responses(tmp_path, tokenizer, record, response_marker, prompt_marker,
+                                                        targets):
+    path = write_jsonl(tmp_path / "d.jsonl", [record])
+    train, _, _ = prepare(path, tokenizer, eval_split=0, response_marker=response_marker, prompt_marker=prompt_marker)
+    assert target_runs(train[0], tokenizer) == targets
+
+
+@pytest.mark.parametrize(
+    "record, markers, message",
+    [
+        (ALPACA, {"response_marker": "### Response:"}, "--response-marker applies to text data; alpaca data says"),
+        (GUANACO, {"prompt_marker": "### Human:"}, r"--prompt-marker needs --response-marker"),
+    ],
+)
+def test_response_markers_where_they_do_not_apply_are_refused(tmp_path, tokenizer, record, markers, message):
+    with pytest.raises(BadInput, match=message):
+        prepare(write_jsonl(tmp_path / "d.jsonl", [record]), tokenizer, eval_split=0, **markers)
 
 
 @pytest.mark.parametrize(
@@ -297,6 +456,54 @@ def test_chatml_fallback_keeps_existing_tokens_and_force_replaces_a_template(tok
     assert notices == ["using ChatML instead of the tokenizer's chat template"] and new_ids == []
     assert tok.chat_template == CHATML_TEMPLATE
     assert ensure_chat_template(tokenizer) == ([], [])  # has a template: untouched
+
+
+CHATML_TEXT = {"text": chatml(("user", "What is the capital of France?"), ("assistant", "Paris."))}
+
+
+def test_text_that_holds_chatml_gets_its_tokens_and_template(tmp_path):
+    """OpenAssistant converted to ChatML, in a text column, on a base without ChatML: the markers
+    become single tokens (rows the model must add and train), the template ChatML."""
+    tok = train_tokenizer(TOKENIZER_TEXTS, vocab_size=320, chat_template=False, chatml_tokens=False)
+    train, _, stats = prepare(write_jsonl(tmp_path / "d.jsonl", [CHATML_TEXT, TEXT]), tok, eval_split=0)
+    assert stats["format"] == "text"
+    assert stats["notices"] == [
+        "the text holds ChatML (<|im_start|>/<|im_end|>): they become single tokens, "
+        "and generation stops at <|im_end|>",
+        "the tokenizer has no chat template; using ChatML",
+        "added <|im_start|> <|im_end|> to the vocabulary as special tokens (ids [320, 321])",
+    ]
+    assert stats["new_token_ids"] == [320, 321] and len(tok) == 322 and tok.chat_template == CHATML_TEMPLATE
+    ids = train[0]["input_ids"]
+    assert (ids.count(320), ids.count(321)) == (2, 2)  # one token per marker
+    assert tok.decode(ids) == "<s>" + CHATML_TEXT["text"] + EOS
+    assert train[0]["labels"] == [IGNORE] + ids[1:]  # text: loss on all of it
+
+
+def test_chatml_text_keeps_another_template_unless_forced(tmp_path):
+    other = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    path = write_jsonl(tmp_path / "d.jsonl", [CHATML_TEXT])
+    for force, template, last_notice in [
+        (False, other, "the tokenizer's chat template is not ChatML, so chat prompts will not look like this text; "
+                       "--add-chatml-tokens makes ChatML the template"),
+        (True, CHATML_TEMPLATE, "added <|im_start|> <|im_end|> to the vocabulary as special tokens (ids [320, 321])"),
+    ]:
+        tok = train_tokenizer(TOKENIZER_TEXTS, vocab_size=320, chat_template=False, chatml_tokens=False)
+        tok.chat_template = other
+        _, _, stats = prepare(path, tok, eval_split=0, force_chatml=force)
+        assert stats["new_token_ids"] == [320, 321] and tok.chat_template == template
+        assert stats["notices"][-1] == last_notice
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [(TEXT, r"this text data \(its text holds no <\|im_start\|>/<\|im_end\|>\); drop it$"),
+     (ALPACA, r"this alpaca data \(Alpaca's prompt uses no chat template\); drop it$")],
+    ids=["text", "alpaca"],
+)
+def test_force_chatml_is_refused_where_it_would_change_nothing(tmp_path, tokenizer, record, message):
+    with pytest.raises(BadInput, match="^--add-chatml-tokens does nothing for " + message):
+        prepare(write_jsonl(tmp_path / "d.jsonl", [record]), tokenizer, eval_split=0, force_chatml=True)
 
 
 # ----------------------------------------------------------------------------- batching
