@@ -11,31 +11,26 @@ printed when done. The token rate goes to stderr, so stdout holds only the model
 
 Defaults: greedy decoding (`--temperature 0`), so the same model and prompt always give the
 same answer, which is what you want when checking what a fine-tune learned; for varied chat
-replies try `--temperature 0.7 --top-p 0.9`. 4-bit NF4 weights on GPU, unquantized fp32 on CPU
-(bitsandbytes' 4-bit CPU kernels work but are slow, and a model that fits on a CPU fits in fp32).
+replies try `--temperature 0.7 --top-p 0.9`. The base: with an adapter train.py saved, the 4-bit
+base it was trained on (its train_config.json's --quant and --double-quant: the adapter learned
+to correct that base's quantization error), on the CPU too; otherwise NF4 on a GPU and fp32 on a
+CPU. A GPTQ directory (merge.py --quantize gptq) runs with torch's int4 kernel on a GPU.
+
+--prompt-file: one prompt per line; a file with blank lines holds prompts of several lines,
+separated by blank lines; a .jsonl file holds one prompt a line, as a JSON string or {"prompt": ...}.
 """
 
+import json
 import os
 import sys
 
-import torch
-from transformers import AutoTokenizer
-
-import lora
-import quant
 from rawqlora.cli import ArgumentParser, run
-from rawqlora.decode import Sampling, generate
 from rawqlora.errors import BadInput
-from rawqlora.tiny import CHATML_TEMPLATE
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3, Gemma, Llama 2 / Mistral),
 # stop tokens whenever the vocabulary has them: a chat model ends its reply with one, which is
 # not always its EOS.
 END_OF_TURN = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"]
-
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model"]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -46,7 +41,7 @@ def parse_args(argv):
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts; several run as one batch")
     p.add_argument("--model", required=True, help="Hugging Face model directory (the base)")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format) to apply on the base")
-    p.add_argument("--prompt-file", help="file with one prompt per line ('-' for stdin)")
+    p.add_argument("--prompt-file", help="prompts, one a line, or blank-line separated, or .jsonl ('-': stdin)")
     p.add_argument("--raw", action="store_true", help="send prompts as they are, no chat template")
     p.add_argument("--system", help="system message, as the first turn of the chat template")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin")
@@ -56,8 +51,9 @@ def parse_args(argv):
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off; 1.1-1.3 curbs loops")
     p.add_argument("--seed", type=int, help="sampling seed; the same seed repeats (default: random)")
-    p.add_argument("--quant", choices=["nf4", "fp4", "none"], help="default: nf4 on cuda, none on cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="compute dtype; default: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--quant", choices=["nf4", "fp4", "none"],
+                   help="default: the adapter's as trained (train_config.json), else nf4 on cuda, none on cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="compute dtype; default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped with the model (custom architectures): only for models you trust")
@@ -80,18 +76,44 @@ def parse_args(argv):
         raise BadInput("--chat and --system need the chat template; drop --raw")
     if args.chat and (args.prompts or args.prompt_file):
         raise BadInput("--chat reads its turns from stdin; drop the prompts and --prompt-file")
-    if not os.path.isdir(args.model):
-        raise BadInput(f"--model {args.model}: no such directory; pass a Hugging Face model directory")
-    if not os.path.isfile(os.path.join(args.model, "config.json")):  # before the tokenizer's less clear error
-        raise BadInput(f"--model {args.model} has no config.json: it is not a Hugging Face model directory")
     if args.adapter is not None and not os.path.isdir(args.adapter):
         raise BadInput(f"--adapter {args.adapter}: no such directory; pass the adapter train.py saved")
+    return args
 
+
+if __name__ == "__main__":
+    # --help and a bad flag answer here, in a fraction of a second: torch, transformers and
+    # bitsandbytes (seconds of imports) load below, once the command line is known to be good.
+    ARGS = run(parse_args)
+
+import torch  # noqa: E402
+
+import lora  # noqa: E402
+import quant  # noqa: E402
+from quant import gptq  # noqa: E402
+from rawqlora.decode import Sampling, generate  # noqa: E402
+from training.data import CHATML_TEMPLATE  # noqa: E402
+
+
+def resolve(args):
+    """The settings that depend on the machine, the model directory and the adapter's training."""
+    quant.check_model_dir(args.model)  # before the tokenizer's less clear error
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda, but torch sees no GPU; use --device cpu")
     on_gpu = args.device == "cuda"
+    args.gptq = gptq.is_gptq(args.model)
+    if args.gptq and (args.adapter or args.quant not in (None, "none")):
+        raise BadInput(f"{args.model} is a GPTQ checkpoint (already quantized): drop --adapter and --quant; "
+                       "merge the adapter first (merge.py --quantize gptq)")
+    args.double_quant = True
+    trained = os.path.join(args.adapter, "train_config.json") if args.adapter else None
+    if trained and os.path.isfile(trained):
+        with open(trained) as f:
+            saved = json.load(f)
+        args.quant = args.quant or saved.get("quant", "nf4")
+        args.double_quant = saved.get("double_quant", True)
     args.quant = args.quant or ("nf4" if on_gpu else "none")
     args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     return args
@@ -104,47 +126,56 @@ def read_prompts(args):
     if source is None and not prompts and not sys.stdin.isatty():
         source = "-"  # piped stdin reads like a prompt file
     if source == "-":
-        prompts += [line.rstrip("\n") for line in sys.stdin]
+        prompts += split_prompts(sys.stdin.read(), jsonl=False)
     elif source is not None:
         if not os.path.isfile(source):
             raise BadInput(f"--prompt-file {source}: no such file")
         with open(source, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f]
-    prompts = [p for p in prompts if p.strip()]  # blank lines separate, they are not prompts
+            prompts += split_prompts(f.read(), jsonl=source.endswith(".jsonl"))
+    prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise BadInput("no prompt: pass PROMPT, --prompt-file, prompts on stdin, or --chat")
     return prompts
 
 
+def split_prompts(text, jsonl):
+    """A prompt file's prompts: JSON lines; or blocks between blank lines, when it has any (a prompt
+    of several lines, e.g. a template with its input); else one prompt per line."""
+    if jsonl:
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise BadInput(f"--prompt-file line {n}: not JSON ({e})") from None
+            prompt = item.get("prompt") if isinstance(item, dict) else item
+            if not isinstance(prompt, str):
+                raise BadInput(f"--prompt-file line {n}: expected a JSON string or an object with a \"prompt\" string")
+            prompts.append(prompt)
+        return prompts
+    lines = text.split("\n")
+    if any(not line.strip() for line in lines[:-1]):  # blank lines (other than the final newline) separate prompts
+        return [block.strip("\n") for block in text.split("\n\n") if block.strip()]
+    return [line for line in lines if line.strip()]
+
+
 # ----------------------------------------------------------------------------- loading
 
 
-def load_tokenizer(args):
-    """From the adapter when it carries one (training may have added tokens), else the model's."""
-    adapter_has_one = args.adapter is not None and any(
-        os.path.isfile(os.path.join(args.adapter, name)) for name in TOKENIZER_FILES
-    )
-    path = args.adapter if adapter_has_one else args.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0]}") from e
-    if tokenizer.chat_template is None and not args.raw:
-        print("note: the tokenizer has no chat template; using ChatML (--raw sends text as is)",
-              file=sys.stderr)
-        tokenizer.chat_template = CHATML_TEMPLATE
-    return tokenizer
-
-
 def load(args):
-    tokenizer = load_tokenizer(args)
-    model = quant.load_model(
-        args.model,
-        quant=None if args.quant == "none" else args.quant,
-        compute_dtype=DTYPES[args.dtype],
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-    )
+    tokenizer = quant.load_tokenizer(quant.tokenizer_source(args.model, args.adapter), args.trust_remote_code)
+    if tokenizer.chat_template is None and not args.raw:
+        print("note: the tokenizer has no chat template; using ChatML (--raw sends text as is)", file=sys.stderr)
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if args.gptq:
+        model = gptq.load_gptq(args.model, device=args.device, dtype=quant.DTYPES[args.dtype],
+                               trust_remote_code=args.trust_remote_code)
+    else:
+        model = quant.load_model(args.model, quant=None if args.quant == "none" else args.quant,
+                                 double_quant=args.double_quant, compute_dtype=quant.DTYPES[args.dtype],
+                                 device=args.device, trust_remote_code=args.trust_remote_code)
     if args.adapter is not None:
         lora.load_adapter(model, args.adapter)
     model.eval()  # no dropout, in the base or the adapter
@@ -163,7 +194,9 @@ def stop_ids(tokenizer, model):
 
 def encode(tokenizer, messages_or_text, raw):
     if raw:
-        return tokenizer(messages_or_text)["input_ids"]  # BOS etc. as the tokenizer adds them
+        # BOS etc. as the tokenizer adds them, unless the text already starts with its BOS.
+        written = tokenizer.bos_token is not None and messages_or_text.startswith(tokenizer.bos_token)
+        return tokenizer(messages_or_text, add_special_tokens=not written)["input_ids"]
     text = tokenizer.apply_chat_template(messages_or_text, add_generation_prompt=True, tokenize=False)
     # The rendered template already holds its special tokens (BOS included where it has one).
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -240,14 +273,23 @@ def chat(args, tokenizer, model, decode):
         report(out)
 
 
-def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def warn_if_too_long(model, batch, max_new_tokens):
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(len(ids) for ids in batch) + max_new_tokens
+    if limit and longest > limit:
+        print(f"warning: prompt plus --max-new-tokens reaches {longest} positions, past the model's "
+              f"max_position_embeddings ({limit}): output there is unreliable", file=sys.stderr)
+
+
+def main(argv=None, args=None):
+    args = resolve(args or parse_args(sys.argv[1:] if argv is None else argv))
     prompts = None if args.chat else read_prompts(args)
     tokenizer, model = load(args)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     stops = stop_ids(tokenizer, model)
-    # Any id works as pad: pads are masked in the prompt and dropped from the outputs.
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Any id works as pad: pads are masked in the prompt and dropped from the outputs. (0: a
+    # tokenizer with neither a pad token nor EOS, which quant.load_tokenizer would pad with.)
+    pad_id = tokenizer.pad_token_id or 0
 
     def decode(batch, on_step=None):
         return generate(model, batch, args.max_new_tokens, stops, pad_id, sampling, on_step)
@@ -255,6 +297,7 @@ def main(argv=None):
     if args.chat:
         return chat(args, tokenizer, model, decode)
     batch = [encode(tokenizer, p if args.raw else turn(p, args.system), args.raw) for p in prompts]
+    warn_if_too_long(model, batch, args.max_new_tokens)
     if len(batch) == 1:
         stream = TextStream(tokenizer, sys.stdout)
         out = decode(batch, stream)
@@ -267,4 +310,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run(lambda argv: main(args=ARGS))

@@ -1,23 +1,20 @@
 """QLoRA fine-tuning of a Hugging Face causal LM, written out in raw PyTorch.
 
-    python train.py                                   # the embedded default: a tiny model, a few minutes on a CPU
+    python train.py                                   # the embedded default: a tiny model, about a minute on a CPU
     python train.py --model ~/models/Mistral-7B-v0.1 --data chats.jsonl --out runs/mistral-chat
 
-Reads top to bottom: config, input checks (all of them before --out is touched), data, model,
-optimizer, loop, checkpoints. The pieces that are worth reading on their own live in small
-modules: lora/ (the adapters), quant/ (4-bit loading), rawqlora/data.py (formats and masking),
-rawqlora/optim.py (AdamW, schedules), rawqlora/loss.py (chunked cross-entropy),
-rawqlora/checkpoint.py (atomic checkpoints), rawqlora/distributed.py (data-parallel helpers).
+Reads top to bottom: the config, the setup (checks, data, model, optimizer, resume), one
+optimizer step, the loop. The parts worth reading on their own live in modules: lora/ (the
+adapters), quant/ (4-bit loading, model directories), training/ (data, loss, optimizer,
+checkpoints, data-parallel helpers, activation checkpointing), fast/ (the speed layer).
 
 Data-parallel on N GPUs (or CPU processes): torchrun --nproc_per_node N train.py ... ;
 --batch-size is then per rank, so each optimizer step sees N x batch-size x grad-accum samples.
 """
 
-import argparse
 import collections
 import dataclasses
 import functools
-import gc
 import json
 import math
 import os
@@ -25,29 +22,15 @@ import shutil
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import lora
-import quant
-from lora.inject import resolve_targets
-from quant.experts import unfuse_experts
-from quant.load import checkpoint_files, checkpoint_keys, read_config
-from fast import fused
-from rawqlora import cli, data
-from training import checkpoint, distributed, grad_ckpt
+from rawqlora import cli
 from rawqlora.errors import BadInput
-from training.loss import causal_lm_loss
-from training.optim import LossScaler, lr_factor, make_optimizer
+from training import config as config_file
 
 REPO = Path(__file__).resolve().parent
 EMBEDDED_CONFIG = REPO / "default" / "config.json"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ----------------------------------------------------------------------------------------
@@ -70,6 +53,11 @@ class TrainConfig:
     eval_data: str = ""  # a separate eval file instead of a split
     add_chatml_tokens: bool = False  # add <|im_start|>/<|im_end|> even if the chat template has its own
     train_embeddings: bool = False  # train all of embed_tokens/lm_head, not only rows of added tokens
+    columns: str = ""  # the data's names for ours, OURS=THEIRS: "messages=conversation,role=from,content=text"
+    roles: str = ""  # the data's chat roles as ours, OURS=THEIRS: "user=Guest,assistant=Lex" (adds to human/gpt)
+    data_field: str = ""  # a .json file holding one object: the field with the records (default: its only list of records)
+    response_marker: str = ""  # text data: loss only on what follows this, e.g. "### Assistant:" or "[/INST]"
+    prompt_marker: str = ""  # text data with --response-marker: where each response ends, e.g. "### Human:" or "[INST]"
 
     # LoRA
     lora_r: int = 16  # rank; 8-64 all work for instruction tuning, cost grows linearly
@@ -84,13 +72,15 @@ class TrainConfig:
     dtype: str = "auto"  # compute dtype: bf16|fp16|fp32; auto: bf16 on CUDA, fp32 on CPUs (most lack bf16 matmul units: 30x slower here)
 
     # optimization
-    # adamw (rawqlora/optim.py: multi-tensor, a few kernels a step)|paged_adamw|paged_adamw_8bit
-    # (bitsandbytes, CUDA: state in unified memory; 0.3 GiB saved on a 7B model, 1-3% slower there)
+    # adamw (training/optim.py, written out: multi-tensor, a few kernels a step)|paged_adamw|paged_adamw_8bit
+    # (bitsandbytes, CUDA: state in unified memory; 0.3 GiB saved on a 7B model, 1-3% slower there).
+    # TrainingArguments' names are accepted: paged_adamw_32bit, paged_adamw_8bit, adamw_torch.
     optim: str = "adamw"
     lr: float = 2e-4  # peak learning rate: QLoRA's value for 7B-13B models
     weight_decay: float = 0.0  # LoRA's low rank already regularises; QLoRA uses 0
     schedule: str = "constant"  # constant|linear|cosine: QLoRA found constant as good as cosine
     warmup_steps: int = 10  # linear warmup: Adam's early moment estimates are noisy
+    warmup_ratio: float = 0.0  # > 0: warm up for this fraction of all steps instead (TrainingArguments' warmup_ratio)
     max_grad_norm: float = 0.3  # clip the LoRA gradients' global norm (QLoRA's value; stabilises 4-bit training)
     batch_size: int = 4  # micro-batch size (samples, or packed rows, per forward)
     grad_accum: int = 4  # micro-batches per optimizer step: effective batch = batch_size * grad_accum
@@ -100,16 +90,20 @@ class TrainConfig:
     offload_activations: bool = False  # park checkpointed layer inputs in host memory (7B, 16k tokens: -3.5 GiB GPU; copies overlap compute, ~0.3% slower)
     mlp_chunk: int = 0  # >0: run each MLP this many tokens at a time, recomputed per chunk (very long sequences; costs one more MLP forward)
     attention: str = "sdpa"  # sdpa|flex_attention|eager; flex (CUDA) never builds a seq x seq mask, which sdpa needs past a sliding window (Mistral: 4096)
-    # RMSNorm, SwiGLU, rotary with their backward written out (rawqlora/fused.py), compiled on CUDA,
-    # on CUDA LoRA dropout inside Triton kernels (lora/kernels.py), and q/k/v and gate/up adapters
-    # as one function each where their dropout allows (lora/siblings.py); off: the plain PyTorch paths
-    fused_kernels: bool = True
+    # The speed layer (fast/, fast.enable): the same math with the backward written out. Each LoRA
+    # layer is one autograd function (q/k/v and gate/up one per group), Llama/Mistral/Qwen2/Mixtral's
+    # RMSNorm, SwiGLU and rotary are too, and on CUDA Triton kernels and torch.compile fuse them
+    # (LoRA dropout then draws hash masks, not torch's). Off (--no-fast): exactly lora/layer.py's
+    # formula and the model's own modules through plain autograd, the reference. That costs memory:
+    # 2.3x the saved activations per layer (bf16, dropout 0.05; measured on the CPU), about +3 GiB
+    # of peak for a 7B model at 16k tokens with grad_ckpt, and speed (bench/RESULTS.md).
+    fast: bool = True
     auto_batch: bool = False  # CUDA: lower --batch-size to the largest that fits, raising --grad-accum to keep the effective batch
     seed: int = 42
 
     # bookkeeping
-    eval_every: int = 50  # optimizer steps between eval-loss measurements (0: only at the end)
-    save_every: int = 100  # optimizer steps between checkpoints (0: only at the end)
+    eval_every: str = "50"  # optimizer steps between eval-loss measurements, or "epoch" (0: only at the end)
+    save_every: str = "100"  # optimizer steps between checkpoints, or "epoch" (0: only at the end)
     keep_last: int = 3  # checkpoints kept on disk (0: all)
     resume: bool = False  # continue from the newest complete checkpoint in --out
     overwrite: bool = False  # replace an existing --out directory
@@ -121,46 +115,40 @@ class TrainConfig:
     resolved: dict = field(default_factory=dict)
 
 
+# TrainingArguments' spellings of our choices (tutorials' settings work as written).
+ALIASES = {"optim": {"paged_adamw_32bit": "paged_adamw", "adamw_torch": "adamw"},
+           "schedule": {"constant_with_warmup": "constant"}}
 CHOICES = {
     "format": ["auto", "chat", "alpaca", "prompt-response", "text"],
     "quant": ["nf4", "fp4", "none"],
-    "dtype": ["auto", *DTYPES],
-    "optim": ["adamw", "paged_adamw", "paged_adamw_8bit"],
-    "schedule": ["constant", "linear", "cosine"],
+    "dtype": ["auto", "bf16", "fp16", "fp32"],
+    "optim": ["adamw", "paged_adamw", "paged_adamw_8bit", *ALIASES["optim"]],
+    "schedule": ["constant", "linear", "cosine", *ALIASES["schedule"]],
     "device": ["auto", "cpu", "cuda"],
     "attention": ["sdpa", "flex_attention", "eager"],
 }
 
 
 def parse_config(argv):
-    """Flags > --config file > dataclass defaults. Unknown flags and unknown file keys are errors."""
-    parser = cli.ArgumentParser(description=__doc__.split("\n")[0], argument_default=None)
-    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "resolved"]
-    for f in fields:
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(flag, type=f.type, choices=CHOICES.get(f.name))
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    """Flags > --config file > (resumed run's train_config.json | embedded default's settings) > defaults."""
+    def base(given):
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        saved = Path(given.get("out", "")) / "train_config.json"
+        if given.get("resume") and given.get("out") and saved.is_file():
+            # Resuming continues the run as it was configured; flags given now still win.
+            values = config_file.read_file(saved, known)
+            return {k: v for k, v in values.items() if k not in ("resolved", "resume", "overwrite", "config")}
+        if not given.get("model") and not given.get("config"):
+            # The embedded default is a tiny model: it wants a higher learning rate and fewer
+            # steps than the real-model defaults above. Its settings are in this file.
+            print(f"note: no --model: fine-tuning the embedded default with the settings in {EMBEDDED_CONFIG}",
+                  file=sys.stderr)
+            return config_file.read_file(EMBEDDED_CONFIG, known)
+        return {}
 
-    known = {f.name for f in fields}
-    field_types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    values = {}
-    if given.get("resume") and given.get("out") and (Path(given["out"]) / "train_config.json").is_file():
-        # Resuming continues the run as it was configured; flags given now still win.
-        values = read_config_file(Path(given["out"]) / "train_config.json", known | {"resolved"})
-        values = {k: v for k, v in values.items() if k not in ("resolved", "resume", "overwrite", "config")}
-    elif not given.get("model") and not given.get("config"):
-        # The embedded default is a 3M-parameter model: it wants a higher learning rate and
-        # fewer steps than the real-model defaults above. Its settings are in this file.
-        say(f"note: no --model: fine-tuning the embedded default with the settings in {EMBEDDED_CONFIG}",
-            file=sys.stderr)
-        values = read_config_file(EMBEDDED_CONFIG, known)
-    if given.get("config"):
-        values.update(read_config_file(given["config"], known))
-    values.update(given)
-    cfg = TrainConfig(**{k: typed(k, v, field_types[k]) for k, v in values.items()})
+    cfg = config_file.parse(TrainConfig, argv, CHOICES, __doc__.split("\n")[0], base)
+    for name, aliases in ALIASES.items():
+        setattr(cfg, name, aliases.get(getattr(cfg, name), getattr(cfg, name)))
     if not cfg.model:
         cfg.model, cfg.data = str(REPO / "default" / "model"), cfg.data or str(REPO / "default" / "data" / "chat.jsonl")
     if not cfg.data:
@@ -169,73 +157,71 @@ def parse_config(argv):
     return cfg
 
 
-def typed(name, value, kind):
-    """A config-file value as its field's type ("2e-4" -> 2e-4); argparse already typed the flags."""
-    flag = "--" + name.replace("_", "-")
-    if kind is bool and not isinstance(value, bool):
-        raise BadInput(f"{flag}: expected true or false, got {value!r}")
-    if kind not in (bool, dict):
-        try:
-            value = kind(value)
-        except (TypeError, ValueError):
-            raise BadInput(f"{flag}: expected {kind.__name__}, got {value!r}") from None
-    if name in CHOICES and value not in CHOICES[name]:
-        raise BadInput(f"{flag}: {value!r} is not one of {', '.join(CHOICES[name])}")
-    return value
-
-
-def read_config_file(path, known):
-    p = Path(path)
-    if not p.is_file():
-        raise BadInput(f"--config {path}: no such file")
-    text = p.read_text()
-    try:
-        if p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as e:  # json.JSONDecodeError or yaml.YAMLError: both mean a malformed file
-        raise BadInput(f"--config {path}: cannot parse ({str(e).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise BadInput(f"--config {path}: expected a mapping of option names to values")
-    values = {k.replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise BadInput(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    return values
-
-
 def validate(cfg):
-    positive = ["lora_r", "batch_size", "grad_accum", "max_len"]
-    for name in positive:
+    for name in ["lora_r", "batch_size", "grad_accum", "max_len"]:
         if getattr(cfg, name) <= 0:
             raise BadInput(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
     if not (0 < cfg.lr < math.inf and 0 < cfg.epochs < math.inf):  # written so that NaN fails too
         raise BadInput(f"--lr and --epochs must be > 0 and finite, got {cfg.lr} and {cfg.epochs}")
-    if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.eval_split < 1:
-        raise BadInput("--lora-dropout and --eval-split must be in [0, 1)")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu")
+    if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.eval_split < 1 or not 0 <= cfg.warmup_ratio < 1:
+        raise BadInput("--lora-dropout, --eval-split and --warmup-ratio must be in [0, 1)")
+    for name in ("eval_every", "save_every"):
+        value = getattr(cfg, name)
+        if value != "epoch" and not (value.isdigit()):
+            raise BadInput(f"--{name.replace('_', '-')} takes a number of steps (0: only at the end) or 'epoch', "
+                           f"got {value!r}")
     if cfg.mlp_chunk < 0 or (cfg.mlp_chunk and not cfg.grad_ckpt):
         raise BadInput(f"--mlp-chunk must be >= 0 and goes with --grad-ckpt (it chunks the checkpointed MLPs), got {cfg.mlp_chunk}")
     if cfg.resume and cfg.overwrite:
         raise BadInput("--resume and --overwrite contradict each other: pick one")
 
 
+if __name__ == "__main__":
+    # --help and a bad flag answer here, in a fraction of a second: torch, transformers and
+    # bitsandbytes (seconds of imports) load below, once the command line is known to be good.
+    CONFIG = cli.run(parse_config)
+
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import fast  # noqa: E402
+import lora  # noqa: E402
+import quant  # noqa: E402
+from training import checkpoint, data, distributed, grad_ckpt  # noqa: E402
+from training.auto_batch import auto_batch_size, longest_rows_probe  # noqa: E402
+from training.distributed import say  # noqa: E402
+from training.loss import IGNORE_INDEX, causal_lm_loss  # noqa: E402
+from training.optim import LossScaler, lr_factor, make_optimizer  # noqa: E402
+from training.inputs import check_model, check_out_dir, check_runtime, parse_targets, resume_point  # noqa: E402
+from training.metrics import MetricsLog  # noqa: E402
+from training.new_tokens import grow_vocabulary, train_embedding_rows  # noqa: E402
+
+
 # ----------------------------------------------------------------------------------------
-# Model: 4-bit base, LoRA on the targets, new chat tokens if the data needs them.
+# Setup: data, model (4-bit base, new chat tokens, LoRA, speed layer), optimizer.
 # ----------------------------------------------------------------------------------------
+def setup_data(cfg, tokenizer):
+    """(train rows, eval rows, collate for train rows, added token ids, data stats)."""
+    train_samples, eval_rows, stats = data.prepare(
+        cfg.data, tokenizer, fmt=cfg.format, max_len=cfg.max_len, train_on_prompt=cfg.train_on_prompt,
+        eval_split=cfg.eval_split, eval_data=cfg.eval_data or None, seed=cfg.seed, force_chatml=cfg.add_chatml_tokens,
+        columns=cfg.columns, roles=cfg.roles, data_field=cfg.data_field, response_marker=cfg.response_marker,
+        prompt_marker=cfg.prompt_marker)
+    for notice in stats["notices"]:
+        say(f"note: {notice}", file=sys.stderr)
+    t = stats["train"]
+    say(f"data {cfg.data} ({stats['format']}): {t['samples']:,} train samples, {len(eval_rows):,} eval, "
+        f"{t['tokens']:,} tokens ({t['target_tokens']:,} with loss); {t['truncated']} truncated to "
+        f"--max-len {cfg.max_len}, {t['dropped']} dropped for having no target left")
+    rows = data.pack(train_samples, cfg.max_len) if cfg.packing else train_samples
+    collate = data.collate_packed if cfg.packing else data.collate
+    return rows, eval_rows, collate, stats["new_token_ids"], stats
+
+
 def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
-    model = quant.load_model(
-        cfg.model,
-        quant=None if cfg.quant == "none" else cfg.quant,
-        double_quant=cfg.double_quant,
-        compute_dtype=DTYPES[cfg.dtype],
-        device=device,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    model = quant.load_model(cfg.model, quant=None if cfg.quant == "none" else cfg.quant,
+                             double_quant=cfg.double_quant, compute_dtype=quant.DTYPES[cfg.dtype], device=device,
+                             trust_remote_code=cfg.trust_remote_code)
     model.config.use_cache = False  # no KV cache while training: it only costs memory
     model.set_attn_implementation(cfg.attention)
     # Before LoRA goes on: transformers resizes the plain embedding and head modules only.
@@ -247,55 +233,19 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
                               dropout=cfg.lora_dropout, rslora=cfg.rslora)
     modules_to_save = train_embedding_rows(model, len(tokenizer) - len(added_tokens), bool(added_tokens),
                                            cfg.train_embeddings)
-    if cfg.fused_kernels:
-        fused.enable(model)
+    if cfg.fast:
+        fast.enable(model)
     if cfg.grad_ckpt:
         grad_ckpt.enable(model.get_decoder().layers, offload=cfg.offload_activations, mlp_chunk=cfg.mlp_chunk)
     return model, wrapped, modules_to_save
 
 
-def parse_targets(spec):
-    """`all-linear`, a regex (any regex metacharacter other than '.'), or a comma list of name suffixes."""
-    if spec == "all-linear" or any(c in spec for c in "*+?[](){}|^$\\"):
-        return spec
-    return [t.strip() for t in spec.split(",") if t.strip()]
-
-
-def grow_vocabulary(model, vocab):
-    """Give added tokens embedding and head rows, each new row the mean of the old ones.
-
-    A new row initialised to the mean embedding starts as an "average token" instead of
-    noise, so the first steps do not spike the loss (Hewitt, "Initializing New Word
-    Embeddings for Pretrained Language Models", 2021).
-    """
-    if vocab > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(vocab, mean_resizing=True)
-
-
-def train_embedding_rows(model, old_vocab, tokens_added, train_all):
-    """Make the embedding rows of added tokens trainable (all rows with --train-embeddings).
-
-    Only the new rows learn, unless --train-embeddings: a gradient hook zeroes the others, and
-    weight decay is off for them. An output head that is itself a LoRA target trains its new
-    rows in its base weight, which lora.save_adapter then saves beside the head's LoRA weights
-    (as PEFT saves a targeted embedding layer). Returns the module names to save whole with the
-    adapter (PEFT's modules_to_save).
-    """
-    if not tokens_added and not train_all:
-        return []
-    names = []
-    head = model.get_output_embeddings()
-    for module in (model.get_input_embeddings(), getattr(head, "base_layer", head)):
-        # fp32 master weights: Adam updates of ~1e-4 vanish when added to bf16 values.
-        module.weight.data = module.weight.data.float()
-        module.weight.requires_grad_(True)
-        if not train_all:
-            frozen = torch.zeros(module.weight.shape[0], 1, dtype=torch.bool, device=module.weight.device)
-            frozen[: min(old_vocab, module.weight.shape[0])] = True
-            module.weight.register_hook(lambda g, frozen=frozen: g.masked_fill(frozen, 0))
-        if module is not getattr(head, "base_layer", None):  # a LoRA head is saved with its adapter
-            names.append(next(n for n, m in model.named_modules() if m is module).split(".")[-1])
-    return names
+def setup_optimizer(cfg, model):
+    # No weight decay on embedding rows: decay would shrink the frozen rows' neighbours' scale.
+    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
+    groups = [{"params": lora_params}] + ([{"params": other, "weight_decay": 0.0}] if other else [])
+    return make_optimizer(cfg.optim, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,7 +276,7 @@ def optimizer_step_grads(model, micro_batches, autocast, loss_scale):
     gradients at the end. Then every rank holds exactly the single-process gradient.
     """
     device = next(model.parameters()).device
-    window_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    window_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     window_targets = distributed.all_reduce_sum(window_targets, device)  # before backward: it scales the loss
     total_loss = 0.0
     for batch in micro_batches:
@@ -337,16 +287,16 @@ def optimizer_step_grads(model, micro_batches, autocast, loss_scale):
     return distributed.all_reduce_sum(total_loss, device) / window_targets
 
 
-@torch.no_grad()
 def evaluate(model, batches, autocast):
     """Mean loss per target token over the eval set."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     device = next(model.parameters()).device
-    for batch in batches[distributed.rank() :: distributed.world_size()]:  # each rank its share of the batches
-        loss_sum, count = forward_loss(model, batch, autocast)
-        total, n = total + loss_sum.item(), n + int(count)
+    with torch.no_grad():
+        for batch in batches[distributed.rank() :: distributed.world_size()]:  # each rank its share
+            loss_sum, count = forward_loss(model, batch, autocast)
+            total, n = total + loss_sum.item(), n + int(count)
     model.train(was_training)
     total, n = distributed.all_reduce_sum(total, device), distributed.all_reduce_sum(n, device)
     return total / max(n, 1)
@@ -357,107 +307,12 @@ def to_device(batch, device):
 
 
 def memory_gib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return 0.0
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
-# ----------------------------------------------------------------------------------------
-# Checks that run before anything is written: a bad input must not cost the old --out.
-# ----------------------------------------------------------------------------------------
-def check_out_dir(cfg):
-    """The output directory, after refusing one we must not write into. Touches nothing."""
-    out = Path(cfg.out or REPO / "runs" / f"{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out {out} is a file, not a directory: choose another --out")
-    if cfg.resume:
-        if not checkpoint.complete(out / "checkpoints"):
-            raise BadInput(f"--resume: {out} has no complete checkpoint to resume from (checkpoints/step-N)")
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise BadInput(f"--out {out} exists and is not empty: pass --resume to continue it, "
-                           "--overwrite to replace it, or choose another --out")
-        for given in (cfg.model, cfg.data, cfg.eval_data):  # --overwrite deletes --out: never an input with it
-            if given and Path(given).exists() and Path(given).resolve().is_relative_to(out.resolve()):
-                raise BadInput(f"--overwrite would delete {given}, which is inside --out {out}: choose another --out")
-    return out
-
-
-def check_model(cfg):
-    """The cheap checks of --model (config.json, architecture, safetensors headers, LoRA targets),
-    so that a bad model fails in seconds, before the data is tokenized and the weights loaded."""
-    path = Path(cfg.model)
-    config = read_config(path, cfg.trust_remote_code)
-    for file in checkpoint_files(path):
-        checkpoint_keys(file)  # parses the header, which must cover the file exactly: catches truncation
-    if not cfg.resume:  # resuming takes the targets from the checkpoint's adapter
-        with torch.device("meta"):  # the module tree only: no memory, no init
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-            unfuse_experts(skeleton)
-        resolve_targets(skeleton, parse_targets(cfg.targets))
-
-
-def load_tokenizer(cfg):
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"cannot load a tokenizer from --model {cfg.model} ({str(e).strip().splitlines()[0]}): it needs "
-                       "the model's tokenizer files (tokenizer.json or tokenizer.model) beside config.json") from None
-    if tokenizer.pad_token is None:  # Llama/Mistral ship none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------------------
-# --auto-batch: the largest micro-batch whose forward and backward fit in GPU memory.
-# ----------------------------------------------------------------------------------------
-def auto_batch_size(probe, batch_size, grad_accum):
-    """(micro-batch, grad_accum, largest that fits), probing sizes <= batch_size with `probe(n)`.
-
-    `probe(n)` runs one micro-batch of n and raises torch.cuda.OutOfMemoryError if it does not
-    fit. Sizes halve until one fits, then bisect up to the smallest that failed. The micro-batch
-    used is the largest divisor of the effective batch (batch_size * grad_accum) that fits, so
-    grad_accum rises to keep the effective batch exactly: the same samples per optimizer step.
-    """
-    def fits(n):
-        try:
-            probe(n)
-            return True
-        except torch.cuda.OutOfMemoryError:
-            pass
-        # Outside the except block: the traceback (and the activations its frames hold) is gone.
-        if torch.cuda.is_available():
-            gc.collect()  # reference cycles can still hold tensors
-            torch.cuda.empty_cache()
-        return False
-
-    n, failed = batch_size, None
-    while not fits(n):
-        if n == 1:
-            raise BadInput("--auto-batch: even one sample of the longest length runs out of CUDA memory; "
-                           "lower --max-len, keep --grad-ckpt on, or use a GPU with more memory")
-        failed, n = n, n // 2
-    while failed is not None and failed - n > 1:
-        mid = (n + failed) // 2
-        n, failed = (mid, failed) if fits(mid) else (n, mid)
-    effective = batch_size * grad_accum
-    micro = max(d for d in range(1, n + 1) if effective % d == 0)
-    return micro, effective // micro, n
-
-
-def probe_batch(model, rows, collate, pad_id, device, autocast, n):
-    """Forward and backward of the n longest rows: the most memory a micro-batch of n needs
-    (optimizer states come on top, but for LoRA they are small)."""
-    longest = sorted(rows, key=lambda r: len(r["input_ids"]), reverse=True)[:n]
-    # Dropout draws random numbers: fork the RNG so the run is the same with or without probing.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            optimizer_step_grads(model, [to_device(collate(longest, pad_id), device)], autocast, 1.0)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-        finally:
-            model.zero_grad(set_to_none=True)
+def every(spec, steps_per_epoch):
+    """--eval-every / --save-every as a number of optimizer steps (0: only at the end)."""
+    return steps_per_epoch if spec == "epoch" else int(spec)
 
 
 # ----------------------------------------------------------------------------------------
@@ -465,33 +320,13 @@ def probe_batch(model, rows, collate, pad_id, device, autocast, n):
 # ----------------------------------------------------------------------------------------
 def train(cfg):
     """Run the whole fine-tuning described by `cfg`; returns the summary dict."""
-    # "auto" settings become concrete here, so train_config.json records what actually ran.
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Under torchrun: join the process group; each rank on its own GPU (cuda:LOCAL_RANK).
-    device = distributed.setup(torch.device(cfg.device))
+    device = check_runtime(cfg)  # "auto" settings made concrete; joins torchrun's process group
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
-    if cfg.dtype == "auto":
-        cfg.dtype = "bf16" if device.type == "cuda" else "fp32"
-    if cfg.attention == "flex_attention" and device.type != "cuda":
-        raise BadInput("--attention flex_attention needs a CUDA GPU (it is compiled to Triton); use sdpa on the CPU")
-    if cfg.optim.startswith("paged") and device.type != "cuda":
-        raise BadInput(f"--optim {cfg.optim} needs a CUDA GPU (paged memory); use --optim adamw on the CPU")
-    if cfg.dtype == "fp16" and device.type != "cuda":
-        raise BadInput("--dtype fp16 is for CUDA GPUs; use bf16 or fp32 on the CPU")
-    if cfg.auto_batch and device.type != "cuda":
-        raise BadInput("--auto-batch needs CUDA (it measures GPU memory); on the CPU set --batch-size yourself")
-    if cfg.auto_batch and world > 1:  # each rank would probe its own GPU and could pick a different size
-        raise BadInput("--auto-batch runs in one process only: under torchrun set the per-rank --batch-size yourself")
     # Every input is checked before --out is created or (--overwrite) deleted: model, data,
     # weights, targets. Only then is anything written.
-    out = check_out_dir(cfg)
+    out = check_out_dir(cfg, REPO)
     ckpt_root = out / "checkpoints"
-    resume_from = checkpoint.complete(ckpt_root)[-1] if cfg.resume else None  # the newest complete one
-    saved_world = json.loads((resume_from / "trainer_state.json").read_text()).get("world_size", 1) if resume_from else world
-    if saved_world != world:  # rank slices of each global batch, and the global batch itself, depend on it
-        raise BadInput(f"--resume: {resume_from} was written by {saved_world} process(es), this run has {world}; "
-                       f"resume with torchrun --nproc_per_node {saved_world}")
+    resume_from = resume_point(ckpt_root, world) if cfg.resume else None
     check_model(cfg)
     # The same seed on every rank: the LoRA weights start equal everywhere (and stay equal: every
     # rank applies the same summed gradient). With --lora-dropout > 0 each rank then draws the
@@ -499,49 +334,39 @@ def train(cfg):
     # dropout 0 N ranks compute the single-process step up to fp32 summation order.
     torch.manual_seed(cfg.seed)
 
-    # --- data ---------------------------------------------------------------------------
-    tokenizer = load_tokenizer(cfg)
-    train_samples, eval_rows, data_stats = data.prepare(
-        cfg.data, tokenizer, fmt=cfg.format, max_len=cfg.max_len, train_on_prompt=cfg.train_on_prompt,
-        eval_split=cfg.eval_split, eval_data=cfg.eval_data or None, seed=cfg.seed, force_chatml=cfg.add_chatml_tokens)
-    for notice in data_stats["notices"]:
-        say(f"note: {notice}", file=sys.stderr)
-    t = data_stats["train"]
-    say(f"data {cfg.data} ({data_stats['format']}): {t['samples']:,} train samples, {len(eval_rows):,} eval, "
-        f"{t['tokens']:,} tokens ({t['target_tokens']:,} with loss); {t['truncated']} truncated to "
-        f"--max-len {cfg.max_len}, {t['dropped']} dropped for having no target left")
-    added_tokens = data_stats["new_token_ids"]
-    rows = data.pack(train_samples, cfg.max_len) if cfg.packing else train_samples
-    collate = data.collate_packed if cfg.packing else data.collate
-
-    # --- model --------------------------------------------------------------------------
+    tokenizer = quant.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    rows, eval_rows, collate, added_tokens, data_stats = setup_data(cfg, tokenizer)
     t0 = time.time()
     model, wrapped, modules_to_save = build_model(cfg, tokenizer, added_tokens, device, resume_from)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     say(f"model {cfg.model} ({cfg.quant}, {cfg.dtype}) loaded in {time.time() - t0:.1f}s on {device}; "
         f"LoRA r={cfg.lora_r} on {len(wrapped)} modules: {n_trainable:,} trainable parameters "
         f"({100 * n_trainable / n_total:.2f}% of {n_total:,} stored)")
-    autocast = torch.autocast(device.type, dtype=DTYPES[cfg.dtype]) if cfg.dtype != "fp32" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=quant.DTYPES[cfg.dtype], enabled=cfg.dtype != "fp32")
     model.train()
+
+    def batch_of(samples):
+        return to_device(collate(samples, tokenizer.pad_token_id), device)
+
     if cfg.auto_batch and not resume_from:  # a resumed run keeps the sizes its train_config.json recorded
-        probe = functools.partial(probe_batch, model, rows, collate, tokenizer.pad_token_id, device, autocast)
+        probe = longest_rows_probe(lambda b: optimizer_step_grads(model, [b], autocast, 1.0), model, rows,
+                                   batch_of, device)
         cfg.batch_size, cfg.grad_accum, largest = auto_batch_size(probe, cfg.batch_size, cfg.grad_accum)
         say(f"--auto-batch: a micro-batch of {largest} of the longest samples fits; using --batch-size "
             f"{cfg.batch_size} --grad-accum {cfg.grad_accum} (effective batch {cfg.batch_size * cfg.grad_accum})")
 
-    # Global micro-batches of world x batch_size: the very list a single process with that
-    # batch size would build, so N ranks see the same samples per step as one process does.
-    # Rank r trains on the slice [r*batch_size, (r+1)*batch_size) of each.
-    @functools.lru_cache(maxsize=1)
+    # Global micro-batches of world x batch_size: the very list a single process with that batch
+    # size would build, so N ranks see the same samples per step as one process does. Rank r
+    # trains on the slice [r*batch_size, (r+1)*batch_size) of each.
+    @functools.lru_cache(maxsize=1)  # one epoch's order held at a time
     def epoch_batches(epoch):
         order = data.batches(rows, world * cfg.batch_size, seed=cfg.seed, epoch=epoch, group_by_length=not cfg.packing)
         return [[rows[i] for i in idx] for idx in order]
 
-    batches_per_epoch = len(epoch_batches(0))
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    steps_per_epoch = max(1, len(epoch_batches(0)) // cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio > 0 else cfg.warmup_steps
 
     # --- output directory: every input has passed its checks ---------------------------
     # Only rank 0 writes to --out, and only once every rank has checked it (the barrier): a
@@ -553,73 +378,113 @@ def train(cfg):
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.remove_incomplete(ckpt_root)  # a save that a crash cut short
 
-    # --- optimizer ----------------------------------------------------------------------
-    # No weight decay on embedding rows: decay would shrink the frozen rows' neighbours' scale.
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
-    other = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
-    groups = [{"params": lora_params}] + ([{"params": other, "weight_decay": 0.0}] if other else [])
-    optimizer = make_optimizer(cfg.optim, groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = setup_optimizer(cfg, model)
     scaler = LossScaler(enabled=cfg.dtype == "fp16")
+    step, tokens_seen = 0, 0
+    if resume_from:
+        state = checkpoint.load_states(resume_from, optimizer)
+        step, tokens_seen = state["step"], state["tokens"]
+        scaler.load_state_dict(state["loss_scaler"])
+        say(f"resumed from {resume_from} (step {step} of {total_steps})")
+    cfg.resolved = dict(total_steps=total_steps, warmup_steps=warmup, steps_per_epoch=steps_per_epoch,
+                        lora_modules=wrapped, modules_to_save=modules_to_save, data=data_stats)
+    if main:
+        quant.write_text_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
+        if added_tokens:
+            tokenizer.save_pretrained(out)  # merge.py and generate.py need the added tokens
 
     def save_adapter(path, overwrite=False):
         lora.save_adapter(model, path, base_model=str(cfg.model), modules_to_save=modules_to_save or None,
                           overwrite=overwrite)
 
-    def check_weights(step, last_ckpt):
-        """NaN/inf never reaches a checkpoint or the adapter: a step with finite gradients can still
-        overflow the weights (a huge --lr)."""
-        bad = next((n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
-        if bad is not None:
-            raise BadInput(stop_message(step, f"weights ({bad})", last_ckpt))
-
-    # --- resume -------------------------------------------------------------------------
-    step, tokens_seen, metrics_mode = 0, 0, "w"
-    if resume_from:
-        state = checkpoint.load_states(resume_from, optimizer)
-        step, tokens_seen = state["step"], state["tokens"]
-        scaler.load_state_dict(state["loss_scaler"])
-        if main:
-            truncate_metrics(out / "metrics.jsonl", step)
-        metrics_mode = "a"
-        say(f"resumed from {resume_from} (step {step} of {total_steps})")
-
-    cfg.resolved = dict(total_steps=total_steps,
-                        steps_per_epoch=steps_per_epoch, lora_modules=wrapped, modules_to_save=modules_to_save,
-                        data=data_stats)
-    if main:
-        write_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))  # --resume reads it
-        if added_tokens:
-            tokenizer.save_pretrained(out)  # merge.py and generate.py need the added tokens
-
     # Eval rows stay one sample each, packing or not: the loss per sample, never across them.
     eval_batches = [to_device(data.collate(eval_rows[i : i + cfg.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(eval_rows), cfg.batch_size)]
-
-    # --- loop ---------------------------------------------------------------------------
-    model.train()
-    metrics = open(out / "metrics.jsonl" if main else os.devnull, metrics_mode)  # rank 0 logs; the others agree
-    first_eval = evaluate(model, eval_batches, autocast) if eval_batches and step == 0 else None
-    if first_eval is not None:
-        log(metrics, dict(step=0, eval_loss=first_eval, eval_ppl=math.exp(first_eval)))
-    last_eval, last_ckpt = first_eval, resume_from
-    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if main else True)
-    run_start, run_tokens = time.time(), 0
-    # Length-grouped batches hold samples of similar length, often of one kind, so single-step
-    # losses jump; the bar and the summary show the mean of the recent steps.
-    recent_losses = collections.deque(maxlen=50)
-    while step < total_steps:
-        # The data position is a pure function of the step: epoch and batch offset.
-        epoch, offset = divmod(step * cfg.grad_accum, steps_per_epoch * cfg.grad_accum)
-        micro = epoch_batches(epoch)[offset : offset + cfg.grad_accum]
-        tokens = sum(len(sample["input_ids"]) for b in micro for sample in b)  # real tokens of all ranks, no padding
-        micro = [b[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] for b in micro]  # this rank's slice
+    def window(step):
+        """The step's micro-batches (this rank's slice of each) and the real tokens of all ranks."""
+        epoch, offset = divmod(step, steps_per_epoch)
+        micro = epoch_batches(epoch)[offset * cfg.grad_accum : (offset + 1) * cfg.grad_accum]
+        tokens = sum(len(sample["input_ids"]) for b in micro for sample in b)  # no padding
+        mine = [b[rank * cfg.batch_size : (rank + 1) * cfg.batch_size] for b in micro]
         # An epoch's last batch may be smaller: a rank can get nothing of it (it still all-reduces).
-        micro = [to_device(collate(b, tokenizer.pad_token_id), device) for b in micro if b]
+        return [batch_of(b) for b in mine if b], tokens
 
-        # The loss and gradients are summed over ranks inside: every check below agrees on all ranks.
-        loss = optimizer_step_grads(model, micro, autocast, scaler.scale)
-        if not math.isfinite(loss) and not scaler.enabled:
-            raise BadInput(stop_message(step + 1, "loss", last_ckpt))
+    run = Run(cfg, model, optimizer, scaler, autocast, device, out, save_adapter, eval_batches, window,
+              total_steps, warmup, steps_per_epoch)
+    summary = run.loop(step, tokens_seen, resume_from)
+    if main:
+        print_summary(summary, out)
+    return summary
+
+
+@dataclass
+class Run:
+    """What the loop needs, set up by train()."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: LossScaler
+    autocast: torch.autocast
+    device: torch.device
+    out: Path
+    save_adapter: callable  # save_adapter(path, overwrite=False)
+    eval_batches: list
+    window: callable  # window(step) -> (this rank's micro-batches, tokens of all ranks)
+    total_steps: int
+    warmup: int
+    steps_per_epoch: int
+
+    def loop(self, step, tokens_seen, last_ckpt):
+        cfg, model, main = self.cfg, self.model, distributed.is_main()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        eval_every, save_every = every(cfg.eval_every, self.steps_per_epoch), every(cfg.save_every, self.steps_per_epoch)
+        metrics = MetricsLog(self.out / "metrics.jsonl", resumed_at=step, enabled=main)  # rank 0 logs
+        first_eval = evaluate(model, self.eval_batches, self.autocast) if self.eval_batches and step == 0 else None
+        if first_eval is not None:
+            metrics.write(dict(step=0, eval_loss=first_eval, eval_ppl=math.exp(first_eval)))
+        last_eval = first_eval
+        bar = tqdm(total=self.total_steps, initial=step, desc="train", dynamic_ncols=True, disable=None if main else True)
+        run_start, run_tokens = time.time(), 0
+        # Length-grouped batches hold samples of similar length, often of one kind, so single-step
+        # losses jump; the bar and the summary show the mean of the recent steps.
+        recent_losses = collections.deque(maxlen=50)
+        while step < self.total_steps:
+            micro, tokens = self.window(step)
+            # The loss and gradients are summed over ranks inside: every check below agrees on all ranks.
+            loss = optimizer_step_grads(model, micro, self.autocast, self.scaler.scale)
+            if not math.isfinite(loss) and not self.scaler.enabled:
+                raise BadInput(stop_message(step + 1, "loss", last_ckpt))
+            grad_norm, lr = self.update(step, trainable, last_ckpt)
+            step, tokens_seen, run_tokens = step + 1, tokens_seen + tokens, run_tokens + tokens
+            recent_losses.append(loss)
+            record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
+                          tok_s=run_tokens / (time.time() - run_start), mem_gib=memory_gib(self.device))
+            if self.scaler.enabled:
+                record.update(loss_scale=self.scaler.scale, skipped_steps=self.scaler.skipped)
+            last = step == self.total_steps
+            if self.eval_batches and (eval_every and step % eval_every == 0 or last):
+                last_eval = evaluate(model, self.eval_batches, self.autocast)
+                record.update(eval_loss=last_eval, eval_ppl=math.exp(last_eval))
+            metrics.write(record)
+            bar.set_postfix(loss=f"{statistics.fmean(recent_losses):.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tok_s']:.0f}",
+                            **({"mem": f"{record['mem_gib']:.1f}G"} if self.device.type == "cuda" else {}),
+                            **({"eval": f"{last_eval:.3f}"} if last_eval is not None else {}))
+            bar.update(1)
+            if save_every and step % save_every == 0 or last:
+                last_ckpt = self.save_checkpoint(step, tokens_seen, last_ckpt)
+        bar.close()
+        metrics.close()
+        self.save_final(step, last_ckpt)
+        elapsed = time.time() - run_start
+        return dict(steps=step, tokens=tokens_seen, seconds=elapsed, tok_s=run_tokens / max(elapsed, 1e-9),
+                    peak_mem_gib=memory_gib(self.device), eval_loss=last_eval, first_eval_loss=first_eval,
+                    train_loss=statistics.fmean(recent_losses) if recent_losses else float("nan"),  # nan: resumed at the end
+                    out=str(self.out))
+
+    def update(self, step, trainable, last_ckpt):
+        """Unscale, clip, set the learning rate and step (or skip, on an fp16 overflow): (grad norm, lr)."""
+        cfg, scaler = self.cfg, self.scaler
         if scaler.enabled:
             for p in trainable:
                 if p.grad is not None:
@@ -629,100 +494,43 @@ def train(cfg):
         finite = bool(torch.isfinite(grad_norm))
         if not finite and not scaler.enabled:
             raise BadInput(stop_message(step + 1, "gradients", last_ckpt))
-        lr = cfg.lr * lr_factor(step, total_steps, cfg.warmup_steps, cfg.schedule)
-        for group in optimizer.param_groups:
+        lr = cfg.lr * lr_factor(step, self.total_steps, self.warmup, cfg.schedule)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         if scaler.update(finite):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens
-        run_tokens += tokens
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm), lr
 
-        elapsed = time.time() - run_start
-        recent_losses.append(loss)
-        record = dict(step=step, loss=loss, lr=lr, grad_norm=float(grad_norm), tokens=tokens_seen,
-                      tok_s=run_tokens / elapsed, mem_gib=memory_gib(device))
-        if scaler.enabled:
-            record.update(loss_scale=scaler.scale, skipped_steps=scaler.skipped)
-        if eval_batches and (cfg.eval_every and step % cfg.eval_every == 0 or step == total_steps):
-            last_eval = evaluate(model, eval_batches, autocast)
-            record.update(eval_loss=last_eval, eval_ppl=math.exp(last_eval))
-        log(metrics, record)
-        bar.set_postfix(loss=f"{statistics.fmean(recent_losses):.3f}", lr=f"{lr:.1e}", tok_s=f"{record['tok_s']:.0f}",
-                        **({"mem": f"{record['mem_gib']:.1f}G"} if device.type == "cuda" else {}),
-                        **({"eval": f"{last_eval:.3f}"} if last_eval is not None else {}))
-        bar.update(1)
+    def check_weights(self, step, last_ckpt):
+        """NaN/inf never reaches a checkpoint or the adapter: a step with finite gradients can still
+        overflow the weights (a huge --lr)."""
+        bad = next((n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise BadInput(stop_message(step, f"weights ({bad})", last_ckpt))
 
-        if cfg.save_every and step % cfg.save_every == 0 or step == total_steps:
-            check_weights(step, last_ckpt)
-            state = dict(step=step, tokens=tokens_seen, world_size=world, loss_scaler=scaler.state_dict(), epoch=epoch,
-                         batch_offset=offset + cfg.grad_accum)
-            # The weights and optimizer states are the same on every rank: rank 0 saves them.
-            if main:
-                checkpoint.save(ckpt_root, step, save_adapter, optimizer, state, keep_last=cfg.keep_last or None)
-            last_ckpt = ckpt_root / f"{checkpoint.STEP_PREFIX}{step}"
-            distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet on disk
-    bar.close()
-    metrics.close()
+    def save_checkpoint(self, step, tokens_seen, last_ckpt):
+        self.check_weights(step, last_ckpt)
+        ckpt_root = self.out / "checkpoints"
+        state = dict(step=step, tokens=tokens_seen, world_size=distributed.world_size(),
+                     loss_scaler=self.scaler.state_dict())
+        if distributed.is_main():  # the weights and optimizer states are the same on every rank
+            checkpoint.save(ckpt_root, step, self.save_adapter, self.optimizer, state,
+                            keep_last=self.cfg.keep_last or None)
+        distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet on disk
+        return ckpt_root / f"{checkpoint.STEP_PREFIX}{step}"
 
-    # --- final adapter ------------------------------------------------------------------
-    check_weights(step, last_ckpt)
-    if main:
-        final_adapter_dir = out / ".adapter-tmp"
-        save_adapter(final_adapter_dir, overwrite=True)
-        # Weights first, config last: an adapter_config.json in --out always has its weights beside it.
-        for f in sorted(final_adapter_dir.iterdir(), key=lambda f: f.name == lora.adapter.CONFIG_NAME):
-            os.replace(f, out / f.name)
-        final_adapter_dir.rmdir()
-    distributed.barrier()  # every rank returns only once the adapter is in --out
-
-    elapsed = time.time() - run_start
-    train_loss = statistics.fmean(recent_losses) if recent_losses else float("nan")  # nan: resumed at the end
-    summary = dict(steps=step, tokens=tokens_seen, seconds=elapsed, tok_s=run_tokens / max(elapsed, 1e-9),
-                   peak_mem_gib=memory_gib(device), train_loss=train_loss, eval_loss=last_eval,
-                   first_eval_loss=first_eval, out=str(out))
-    if main:
-        print_summary(summary, out, cfg)
-    return summary
-
-
-def truncate_metrics(path, step):
-    """Drop log lines past the checkpoint we resume from: they are about to be redone.
-
-    A line a kill cut short does not parse; it is past the checkpoint too, so it goes as well.
-    """
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass
-    write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def write_atomic(path, text):
-    """Replace `path` with `text` whole: a kill leaves the old file or the new, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def say(*args, **kwargs):
-    """print, on rank 0 only: N ranks would print the same lines N times."""
-    if distributed.is_main():
-        print(*args, **kwargs)
-
-
-def log(metrics, record):
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
+    def save_final(self, step, last_ckpt):
+        """The adapter into --out itself, atomically (a crash leaves the old files or the new)."""
+        self.check_weights(step, last_ckpt)
+        if distributed.is_main():
+            staging = self.out / ".adapter-tmp"
+            self.save_adapter(staging, overwrite=True)
+            # Weights first, config last: an adapter_config.json in --out always has its weights beside it.
+            for f in sorted(staging.iterdir(), key=lambda f: f.name == lora.adapter.CONFIG_NAME):
+                os.replace(f, self.out / f.name)
+            staging.rmdir()
+        distributed.barrier()  # every rank returns only once the adapter is in --out
 
 
 def stop_message(step, what, last_ckpt):
@@ -731,7 +539,7 @@ def stop_message(step, what, last_ckpt):
             "or use --dtype bf16/fp32")
 
 
-def print_summary(s, out, cfg):
+def print_summary(s, out):
     evals = ""
     if s["eval_loss"] is not None and s["first_eval_loss"] is not None:
         evals = f"; eval loss {s['first_eval_loss']:.3f} -> {s['eval_loss']:.3f}"
@@ -744,14 +552,17 @@ def print_summary(s, out, cfg):
     print(f"  python generate.py --model {out}-merged \"What is the capital of France?\"")
 
 
-def main(argv):
-    cfg = parse_config(argv)
+def run(cfg):
     try:
         return train(cfg)
     except torch.cuda.OutOfMemoryError:
         raise BadInput(oom_message(cfg)) from None
     finally:
         distributed.shutdown()
+
+
+def main(argv):
+    return run(parse_config(argv))
 
 
 def oom_message(cfg):
@@ -765,4 +576,4 @@ def oom_message(cfg):
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(lambda argv: run(CONFIG))

@@ -5,18 +5,30 @@
     python bench/bench.py --rows "" --max-seq --decode   # longest sequence in 24 GiB; batch-1 decode
     python bench/bench.py --rows "" --systems rawqlora-offload --max-seq \
         --attention flex_attention --mlp-chunk 8192   # rawqlora's long-sequence setup
+    python bench/bench.py --rows "2048x8:rawqlora:ckpt=auto:budget=24,2048x8:seed-stack:ckpt=off"
+
+A row is SEQxBATCH[:SYSTEM[:KEY=VALUE...]]. Keys: ckpt=on|auto|off (gradient checkpointing;
+the stack takes on|off), and for ckpt=auto budget=GiB (0: the free memory; a budget also caps
+the process there with torch.cuda.set_per_process_memory_fraction, so a plan that overshoots
+fails as it would on a card of that size), place=first|last|spread (which layers are
+checkpointed: training/memory_plan.py) and keep=N (keep N layers whatever the budget, to
+measure the plan's peak formula). --grad-ckpt, --memory-budget, --ckpt-place and
+--stack-grad-ckpt set the defaults.
 
 The seeds' stack: transformers + bitsandbytes + PEFT + HF Trainer, paged_adamw_32bit,
-gradient checkpointing, bf16, the model loaded with BitsAndBytesConfig(nf4, double quant,
-bf16 compute) and prepare_model_for_kbit_training. rawqlora: quant.load_model + lora.inject
-+ fused.enable + grad_ckpt.enable + train.py's step, as train.py builds it on CUDA
-("rawqlora-offload": --offload-activations). Both: a randomly initialised `MistralConfig()` model (built once, saved
-to /dev/shm), LoRA r=16, alpha=16 on q,k,v,o,gate,up,down, random tokens with no padding,
-the median step time after warm-up. Each (system, row) runs in its own process so that
-peak-memory readings do not mix.
+gradient checkpointing (unless ckpt=off), bf16, the model loaded with BitsAndBytesConfig(nf4,
+double quant, bf16 compute) and prepare_model_for_kbit_training. rawqlora: quant.load_model +
+lora.inject + fast.enable + grad_ckpt.enable (+ training/memory_plan.py with ckpt=auto) +
+train.py's step, as train.py builds it on CUDA ("rawqlora-offload": --offload-activations).
+Both: a randomly initialised `MistralConfig()` model (built once, saved to /dev/shm), LoRA
+r=16, alpha=16 on q,k,v,o,gate,up,down, random tokens with no padding, the median step time
+after warm-up. Each (system, row) runs in its own process so that peak-memory readings do not
+mix. Peak memory is max_memory_allocated over the timed steps (the optimizer's state
+included); max_memory_reserved beside it, and with ckpt=auto the plan's prediction of the first.
 
-Writes bench/results.json and prints a table; bench/RESULTS.md is written from it by hand
-with the context (device, versions, command, date) that results.json records.
+Writes bench/results.json (after every row, so a run cut short keeps what it measured) and
+prints a table; bench/RESULTS.md is written from it by hand with the context (device,
+versions, command, date) that results.json records.
 """
 
 import argparse
@@ -62,7 +74,7 @@ def batches(seq, batch, n, vocab):
 # ------------------------------------------------------------------------------------------
 # Workers: one (system, seq, batch) per process.
 # ------------------------------------------------------------------------------------------
-def load_seed_stack(path, dropout):
+def load_seed_stack(path, dropout, grad_ckpt=True):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -70,29 +82,52 @@ def load_seed_stack(path, dropout):
                              bnb_4bit_compute_dtype=torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16,
                                                  device_map={"": 0})
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
                                             task_type="CAUSAL_LM"))
 
 
-def load_rawqlora(path, dropout, offload=False, fused_kernels=True, attention="sdpa", mlp_chunk=0):
-    """As train.py builds it: 4-bit base, LoRA, fused norms/SwiGLU, checkpointed layers."""
+def load_rawqlora(path, dropout, offload=False, fused_kernels=True, attention="sdpa", mlp_chunk=0, grad_ckpt_on=True):
+    """As train.py builds it: 4-bit base, LoRA, fast.enable (`fused_kernels`: --fast), checkpointed
+    layers (all of them; `plan_layers` then keeps some with ckpt=auto; none with `grad_ckpt_on` False)."""
+    import fast
     import lora
     import quant
-    from fast import fused
     from training import grad_ckpt
 
     model = quant.load_model(path, quant="nf4", double_quant=True, compute_dtype=torch.bfloat16, device="cuda")
     model.set_attn_implementation(attention)
     lora.inject(model, TARGETS, r=16, alpha=16, dropout=dropout)
     if fused_kernels:
-        fused.enable(model)
-    grad_ckpt.enable(model.get_decoder().layers, offload=offload, mlp_chunk=mlp_chunk)
+        fast.enable(model)
+    if grad_ckpt_on:
+        grad_ckpt.enable(model.get_decoder().layers, offload=offload, mlp_chunk=mlp_chunk)
     model.train()
     return model
 
 
-def seed_stack_steps(model, seq, batch, n):
+def plan_layers(model, seq, batch, args):
+    """--grad-ckpt auto as train.py runs it: one probe step of this row's shape (random state
+    forked, gradients dropped), then training/memory_plan.py's plan; returns the Plan."""
+    import train
+    from training import memory_plan
+
+    ids = next(batches(seq, batch, 1, model.config.vocab_size)).cuda()
+    b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def run_step():
+        with torch.random.fork_rng(devices=[ids.device]):
+            train.optimizer_step_grads(model, [b], autocast, 1.0)
+        model.zero_grad(set_to_none=True)
+
+    unseen = memory_plan.unseen_bytes([p for p in model.parameters() if p.requires_grad], args.optim)
+    return memory_plan.apply(model.get_decoder().layers, run_step, budget=int(args.memory_budget * 2**30),
+                             unseen=unseen, offload=args.system == "rawqlora-offload", placement=args.ckpt_place,
+                             kept=None if args.keep < 0 else args.keep)
+
+
+def seed_stack_steps(model, seq, batch, n, grad_ckpt=True):
     """The HF Trainer's loop, timed per step with a callback (synchronised)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -110,8 +145,9 @@ def seed_stack_steps(model, seq, batch, n):
             times.append(time.perf_counter() - self.t)
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=n,
-                             optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=True,
-                             gradient_checkpointing_kwargs={"use_reentrant": False}, learning_rate=2e-4,
+                             optim="paged_adamw_32bit", bf16=True, gradient_checkpointing=grad_ckpt,
+                             gradient_checkpointing_kwargs={"use_reentrant": False} if grad_ckpt else None,
+                             learning_rate=2e-4,
                              max_grad_norm=0.3, lr_scheduler_type="constant", logging_steps=10**6,
                              save_strategy="no", report_to=[], dataloader_num_workers=0,
                              remove_unused_columns=False)
@@ -144,20 +180,31 @@ def rawqlora_steps(model, seq, batch, n, optim="adamw"):
 
 
 def worker(args):
+    auto = args.system != "seed-stack" and args.grad_ckpt == "auto"
+    if auto and args.memory_budget > 0:  # the process gets the budget and no more: a card of that size
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, args.memory_budget * 2**30 / torch.cuda.get_device_properties(0).total_memory))
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     if args.system == "seed-stack":
-        model = load_seed_stack(args.model_dir, args.dropout)
+        model = load_seed_stack(args.model_dir, args.dropout, grad_ckpt=args.grad_ckpt != "off")
     else:  # "rawqlora", or "rawqlora-offload" with activations parked in host memory
         model = load_rawqlora(args.model_dir, args.dropout, offload=args.system == "rawqlora-offload",
-                              fused_kernels=not args.no_fused, attention=args.attention, mlp_chunk=args.mlp_chunk)
+                              fused_kernels=not args.no_fused, attention=args.attention, mlp_chunk=args.mlp_chunk,
+                              grad_ckpt_on=args.grad_ckpt != "off")
     torch.cuda.synchronize()
     load_s, load_gib = time.perf_counter() - t, torch.cuda.max_memory_allocated() / 2**30
-    result = dict(system=args.system, seq=args.seq, batch=args.batch, dropout=args.dropout,
+    result = dict(system=args.system, seq=args.seq, batch=args.batch, dropout=args.dropout, grad_ckpt=args.grad_ckpt,
                   **({} if args.system == "seed-stack" else dict(optim=args.optim, fused=not args.no_fused,
                                                                     attention=args.attention, mlp_chunk=args.mlp_chunk)),
                   load_s=load_s, load_peak_gib=load_gib)
-    steps = seed_stack_steps if args.system == "seed-stack" else \
+    if auto and not (args.decode or args.max_seq):
+        t = time.perf_counter()
+        plan = plan_layers(model, args.seq, args.batch, args)
+        print(plan.summary(), flush=True)
+        result.update(memory_budget_gib=args.memory_budget, ckpt_place=args.ckpt_place, plan_s=time.perf_counter() - t,
+                      plan=plan.as_dict(), predicted_peak_gib=plan.predicted_peak / 2**30)
+    steps = (lambda *a: seed_stack_steps(*a, grad_ckpt=args.grad_ckpt != "off")) if args.system == "seed-stack" else \
         lambda *a: rawqlora_steps(*a, optim=args.optim)
     if args.decode:
         result["decode_tok_s"] = decode_speed(model, args.system)
@@ -169,7 +216,8 @@ def worker(args):
         times = steps(model, args.seq, args.batch, args.warmup + args.steps)[args.warmup :]
         step_s = statistics.median(times)
         result.update(step_s=step_s, tok_s=args.seq * args.batch / step_s,
-                      peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+                      peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
         if args.profile:
             profile(steps, model, args)
     print("RESULT " + json.dumps(result), flush=True)
@@ -255,23 +303,44 @@ def longest_sequence(model, system, steps, start=2048, lengths=()):
 # ------------------------------------------------------------------------------------------
 # Driver.
 # ------------------------------------------------------------------------------------------
-def run_worker(system, seq, batch, model_dir, ns, max_seq=False, decode=False):
+ROW_KEYS = {"ckpt": "grad_ckpt", "budget": "memory_budget", "place": "ckpt_place", "keep": "keep"}
+
+
+def row_options(system, options, ns):
+    """A row's checkpointing settings: its KEY=VALUE options over the command line's defaults."""
+    stack = system == "seed-stack"
+    settings = dict(grad_ckpt=ns.stack_grad_ckpt if stack else ns.grad_ckpt, memory_budget=ns.memory_budget,
+                    ckpt_place=ns.ckpt_place, keep=-1)
+    for option in filter(None, options.split(":")):
+        key, _, value = option.partition("=")
+        if key not in ROW_KEYS:
+            raise SystemExit(f"row option {option!r}: keys are {', '.join(ROW_KEYS)}")
+        settings[ROW_KEYS[key]] = value
+    if settings["grad_ckpt"] not in (["on", "off"] if stack else ["on", "auto", "off"]):
+        raise SystemExit(f"{system}: ckpt={settings['grad_ckpt']} is not one of on, off" + ("" if stack else ", auto"))
+    return settings
+
+
+def run_worker(system, seq, batch, model_dir, ns, max_seq=False, decode=False, options=""):
+    settings = row_options(system, options, ns)
     cmd = [sys.executable, __file__, "--worker", "--system", system, "--seq", str(seq), "--batch", str(batch),
            "--model-dir", str(model_dir), "--steps", str(ns.steps), "--warmup", str(ns.warmup),
            "--dropout", str(ns.dropout), "--optim", ns.optim, "--attention", ns.attention,
            "--mlp-chunk", str(ns.mlp_chunk), "--max-seq-from", str(ns.max_seq_from),
-           "--max-seq-lengths", ns.max_seq_lengths] + (["--no-fused"] if ns.no_fused else []) \
+           "--max-seq-lengths", ns.max_seq_lengths, "--grad-ckpt", settings["grad_ckpt"],
+           "--memory-budget", str(settings["memory_budget"]), "--ckpt-place", settings["ckpt_place"],
+           "--keep", str(settings["keep"])] + (["--no-fused"] if ns.no_fused else []) \
         + (["--max-seq"] if max_seq else []) + (["--decode"] if decode else []) \
         + (["--profile", f"{ns.profile}.{system}.{seq}x{batch}.txt"] if ns.profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in proc.stdout.splitlines():
-        if line.startswith("probe "):
+        if line.startswith(("probe ", "--grad-ckpt auto")):
             print(line, flush=True)
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     tail = (proc.stdout + proc.stderr)[-3000:]
     print(f"worker {system} {seq}x{batch} failed (exit code {proc.returncode}):\n{tail}", file=sys.stderr)
-    return dict(system=system, seq=seq, batch=batch, error=tail[-500:])
+    return dict(system=system, seq=seq, batch=batch, **settings, error=tail[-500:])
 
 
 def versions():
@@ -306,6 +375,14 @@ def main():
                    "and report the last that fits")
     p.add_argument("--decode", action="store_true", help="also measure batch-1 decode tokens/s of both systems")
     p.add_argument("--profile", default="", help="write a torch.profiler table of one rawqlora step to this file")
+    p.add_argument("--grad-ckpt", default="on", choices=["on", "auto", "off"],
+                   help="rawqlora's gradient checkpointing (train.py --grad-ckpt); a row's :ckpt= overrides")
+    p.add_argument("--memory-budget", type=float, default=0.0,
+                   help="GiB for --grad-ckpt auto (0: the free memory); a row's :budget= overrides")
+    p.add_argument("--ckpt-place", default="first", choices=["first", "last", "spread"],
+                   help="which layers --grad-ckpt auto checkpoints (first: the plan's); a row's :place= overrides")
+    p.add_argument("--stack-grad-ckpt", default="on", choices=["on", "off"],
+                   help="the seeds' stack's gradient checkpointing; a row's :ckpt= overrides")
     p.add_argument("--out", default=str(REPO / "bench" / "results.json"))
     # worker-only
     p.add_argument("--worker", action="store_true")
@@ -313,6 +390,7 @@ def main():
     p.add_argument("--seq", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--model-dir")
+    p.add_argument("--keep", type=int, default=-1)
     ns = p.parse_args()
     if ns.worker:
         return worker(ns)
@@ -321,40 +399,49 @@ def main():
     model_dir = build_model(ns.layers)
     print(f"model at {model_dir} ({time.perf_counter() - t:.0f}s)", flush=True)
     rows = []
-    for row in filter(None, ns.rows.split(",")):
-        row, _, only = row.partition(":")  # "2048x1:rawqlora" runs one system only
-        seq, batch = map(int, row.split("x"))
-        for system in [only] if only else ns.systems.split(","):
-            r = run_worker(system, seq, batch, model_dir, ns)
-            print(json.dumps(r), flush=True)
-            rows.append(r)
-    for flag in ["max_seq", "decode"]:
-        if getattr(ns, flag):
-            for system in ns.systems.split(","):
-                r = run_worker(system, 0, 1, model_dir, ns, **{flag: True})
-                print(json.dumps(r), flush=True)
-                rows.append(r)
     result = dict(device=torch.cuda.get_device_name(0), versions=versions(),
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   command="python bench/bench.py " + " ".join(sys.argv[1:]), layers=ns.layers or 32, rows=rows)
-    Path(ns.out).write_text(json.dumps(result, indent=2))
+
+    def record(r):
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+        Path(ns.out).write_text(json.dumps(result, indent=2))
+
+    for row in filter(None, ns.rows.split(",")):
+        row, _, rest = row.partition(":")  # "2048x1:rawqlora" runs one system only
+        only, _, options = rest.partition(":")  # "2048x8:rawqlora:ckpt=auto:budget=24"
+        seq, batch = map(int, row.split("x"))
+        for system in [only] if only else ns.systems.split(","):
+            record(run_worker(system, seq, batch, model_dir, ns, options=options))
+    for flag in ["max_seq", "decode"]:
+        if getattr(ns, flag):
+            for system in ns.systems.split(","):
+                record(run_worker(system, 0, 1, model_dir, ns, **{flag: True}))
     print_table(rows)
 
 
 def print_table(rows):
-    base = {(r["seq"], r["batch"]): r for r in rows if r["system"] == "seed-stack" and "tok_s" in r}
-    print(f"{'system':<11} {'seq x batch':>11} {'tok/s':>8} {'peak GiB':>9} {'speed':>6} {'memory':>7} {'load s':>7}")
+    """One line per row; speed and memory against the stack's row of the same shape with checkpointing on."""
+    base = {(r["seq"], r["batch"]): r for r in rows
+            if r["system"] == "seed-stack" and "tok_s" in r and r.get("grad_ckpt", "on") == "on"}
+    print(f"{'system':<16} {'seq x batch':>11} {'ckpt':>10} {'tok/s':>8} {'peak GiB':>9} {'predicted':>9} "
+          f"{'reserved':>9} {'speed':>6} {'memory':>7} {'load s':>7}")
     for r in rows:
+        ckpt = r.get("grad_ckpt", "on")
+        if "plan" in r:
+            ckpt = f"auto {r['plan']['kept']}/{r['plan']['layers']}"
         if "tok_s" not in r:
             extra = (f"max seq in 24 GiB: {r['max_seq_24gib']}" if "max_seq_24gib" in r else
-                     f"decode: {r['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in r else r.get("error", "")[:60])
-            print(f"{r['system']:<11} {extra}")
+                     f"decode: {r['decode_tok_s']:.1f} tok/s" if "decode_tok_s" in r else r.get("error", "")[-60:])
+            print(f"{r['system']:<16} {r['seq']:>5} x {r['batch']:<3} {ckpt:>10} {extra}")
             continue
         b = base.get((r["seq"], r["batch"]))
         speed = f"{r['tok_s'] / b['tok_s']:.2f}x" if b else ""
         mem = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b else ""
-        print(f"{r['system']:<11} {r['seq']:>5} x {r['batch']:<3} {r['tok_s']:>8.0f} {r['peak_gib']:>9.2f} "
-              f"{speed:>6} {mem:>7} {r['load_s']:>7.1f}")
+        predicted = f"{r['predicted_peak_gib']:.2f}" if "predicted_peak_gib" in r else ""
+        print(f"{r['system']:<16} {r['seq']:>5} x {r['batch']:<3} {ckpt:>10} {r['tok_s']:>8.0f} {r['peak_gib']:>9.2f} "
+              f"{predicted:>9} {r.get('peak_reserved_gib', 0):>9.2f} {speed:>6} {mem:>7} {r['load_s']:>7.1f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tile sweep for lora/kernels.py's fused-dropout backward kernel, per member count (CUDA).
+"""Tile sweep for fast/dropout_kernels.py's fused-dropout backward kernel, per member count (CUDA).
 
     python bench/kernel_tiles.py [--tokens 16384]
 

@@ -1,11 +1,12 @@
-"""One LoRA layer's forward + backward, plain dropout path against the fused Triton kernels;
-and the siblings (q/k/v, gate/up) one by one against together (lora/siblings.py).
+"""One LoRA layer's fast forward + backward, kernels off (torch's dropout, masks kept as bits,
+eager) against kernels on (the dropout Triton kernels); and the siblings (q/k/v, gate/up) one
+by one against together (fast/siblings.py), kernels on.
 
     python bench/lora_layer.py [--tokens 16384] [--dropout 0.05]
 
 For each of Mistral-7B's seven projection shapes (4-bit NF4 base, r=16, bf16), the median time
-of forward + backward (CUDA events) with torch's dropout (masks kept as bits) and with
-lora/kernels.py, and the kernels alone against their plain equivalents. Checks first the kernels'
+of forward + backward (CUDA events) through fast/lora_function.py with `fast.enable(layer,
+compile=False)` and with `compile=True` (fast/dropout_kernels.py). Checks first the kernels'
 products at full size (p = 0; tests/test_lora_kernels.py checks the masks, on a GPU too).
 """
 
@@ -15,22 +16,21 @@ import bitsandbytes as bnb
 import torch
 import triton.testing
 
+import fast
 import lora
 from fast import dropout_kernels as kernels, siblings
-from fast import fused
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
           "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
 
 
-def layer(n_in, n_out, dropout, fused_dropout):
+def layer(n_in, n_out, dropout, kernels_on):
     base = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     base.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in, dtype=torch.bfloat16) * 0.02, requires_grad=False,
                                     quant_type="nf4")
     module = lora.LoRALinear(base.cuda(), r=16, alpha=16, dropout=dropout).cuda()
     torch.nn.init.normal_(module.lora_B.weight, std=0.02)
-    fused.enable(module)  # as train.py: the plain path's mask kernels compiled too
-    module.fused_dropout = fused_dropout
+    fast.enable(module, compile=kernels_on)  # the state is process-wide: build, then time, one variant at a time
     return module
 
 
@@ -65,13 +65,13 @@ def main():
     args = p.parse_args()
     for k in (4096, 14336):
         check_kernels(args.tokens, k)
-    print(f"{'projection':<10} {'plain ms':>9} {'fused ms':>9} {'saved':>7}")
+    print(f"{'projection':<10} {'off ms':>9} {'on ms':>9} {'saved':>7}")
     total = [0.0, 0.0]
     for name, (n_in, n_out) in SHAPES.items():
         torch.manual_seed(0)
         x = torch.randn(args.tokens, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         dy = torch.randn(args.tokens, n_out, device="cuda", dtype=torch.bfloat16)
-        times = [step_ms(layer(n_in, n_out, args.dropout, fused).train(), x, [dy]) for fused in (False, True)]
+        times = [step_ms(layer(n_in, n_out, args.dropout, on).train(), x, [dy]) for on in (False, True)]
         total = [t + s for t, s in zip(total, times)]
         print(f"{name:<10} {times[0]:9.3f} {times[1]:9.3f} {times[0] - times[1]:7.3f}")
     print(f"{'per layer':<10} {total[0]:9.3f} {total[1]:9.3f} {total[0] - total[1]:7.3f}"

@@ -1,6 +1,6 @@
 """LoRA dropout fused into the products with A, as two Triton kernels (CUDA).
 
-With dropout p, keep-probability q = 1 - p and mask m, lora/function.py computes
+With dropout p, keep-probability q = 1 - p and mask m, fast/lora_function.py computes
 
     forward    a   = (x ⊙ m / q) Aᵀ                  [N, r]
     backward   dA  = g_aᵀ (x ⊙ m / q)                [r, in]
@@ -29,13 +29,14 @@ the exact inverse of the keep rate: x_d is unbiased.
 
 One seed per call, drawn from torch's CPU generator, which a checkpoint's recompute replays:
 the recompute regenerates the same mask. Adapters that share an input and run as one
-(lora/siblings.py) take seeds seed, seed + 1, ...: fmix32 scatters neighbouring seeds. The
+(fast/siblings.py) take seeds seed, seed + 1, ...: fmix32 scatters neighbouring seeds. The
 keep-rate is q and the bits are independent in practice, neighbouring seeds' masks included
 (tests/test_lora_kernels.py measures both), but they are not torch's random numbers, so for
-one seed the masks differ from PEFT's, which the plain path reproduces exactly.
+one seed the masks differ from PEFT's, which torch's dropout (the reference, and the fast path
+with kernels off) reproduces exactly.
 
 Products run in fp32 on the tensor cores (tf32): x and g_a are bf16, so exact in tf32; A is
-rounded to tf32 (10 mantissa bits, finer than the bf16 the plain path casts it to).
+rounded to tf32 (10 mantissa bits, finer than the bf16 that the kernels-off path casts it to).
 tests/test_lora_kernels.py runs both kernels (Triton's CPU interpreter where there is no GPU)
 against the formulas above in plain PyTorch, with the masks rebuilt from the hash.
 """
@@ -73,7 +74,7 @@ def _padded_rank(r):
 def dropout_a_forward(x, lora_a, seed, p, members=1):
     """a = (x ⊙ m / q) Aᵀ for x [N, in] (any float dtype), A [r, in]; returns a in x's dtype.
 
-    `members` > 1: A stacks that many adapters' A [r, in] over one input (lora/siblings.py),
+    `members` > 1: A stacks that many adapters' A [r, in] over one input (fast/siblings.py),
     member j with the mask of seed + j; a [N, members · r] holds their products side by side.
     """
     x = x.contiguous()

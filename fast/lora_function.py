@@ -11,7 +11,8 @@ trainable A [r, in], B [out, r], dropout mask m with keep-probability q = 1 - p:
                dA  = g_aᵀ x_d                       [r, in]
                dx  = dy W + (g_a A) * m / q         W dequantized again: never stored
 
-Why by hand rather than autograd over `base(x) + B(A(dropout(x))) * s`:
+Why by hand rather than autograd over `base(x) + B(A(dropout(x))) * s` (the reference,
+lora/layer.py, which is what runs without the fast path):
   * autograd over the plain expression keeps an fp32 (or a dropped-out) copy of x per
     adapter and runs five elementwise passes over [N, out] outputs (scale, cast, add ...);
     on a 7B model at 16k tokens those passes cost about as much as the matrix products.
@@ -19,29 +20,60 @@ Why by hand rather than autograd over `base(x) + B(A(dropout(x))) * s`:
     backward saves only x_d (x itself when p = 0), the mask and the small `a`.
   * the 4-bit weight is dequantized once in forward and once in backward, and neither
     dequantized copy is kept: saving it would cost 2 bytes per weight per layer.
-  * with dropout the mask is kept as bits (1/16 of x_d's size, rawqlora/fused.py), and
-    layers whose input is shared (`shared_input`: q, k and v read the same normed x, so do
-    gate and up) keep x itself rather than x_d and rebuild x_d in backward (one fused
-    pass): one saved tensor for the three instead of three dropped-out copies. At 16k
-    tokens on a 7B model the two save 1 GiB. Other layers keep x_d: rebuilding it would
-    cost the pass and save nothing.
-  * `fused_dropout` (CUDA, set by rawqlora.fused.enable): the mask is a hash of a seed and
-    each element's position, recomputed inside two Triton kernels that also do the products
-    with A (lora/kernels.py): no mask, no x_d, no extra passes; backward keeps x and the seed.
+  * with dropout the mask is kept as bits (1/16 of x_d's size, fast/ops.py), and layers
+    whose input is shared (`shared_input`: q, k and v read the same normed x, so do gate and
+    up) keep x itself rather than x_d and rebuild x_d in backward (one fused pass): one saved
+    tensor for the three instead of three dropped-out copies. At 16k tokens on a 7B model the
+    two save 1 GiB. Other layers keep x_d: rebuilding it would cost the pass and save nothing.
+  * `fused_dropout` (fast/state.py's `kernels_on`: CUDA): the mask is a hash of a seed and each
+    element's position, recomputed inside two Triton kernels that also do the products with A
+    (fast/dropout_kernels.py): no mask, no x_d, no extra passes; backward keeps x and the seed.
   * `output_needed=False` (a checkpoint's recompute of the MLP's last projection, whose
     output nobody reads) runs only what backward saves: dropout and `a`, no W GEMM.
 
 Everything runs in the compute dtype (the autocast dtype, else the base's dtype); A and B
 stay fp32 master weights and are cast for the products, as autocast would do. Dropout goes
 through `torch.native_dropout`, which draws the same random numbers as `nn.Dropout`, so
-this layer and PEFT's produce the same masks from the same seed (not so with `fused_dropout`).
+this layer and the reference (lora/layer.py, PEFT's too) produce the same masks from the same
+seed (not so with `fused_dropout`).
+
+Which LoRA layers run this, and when they hand back to their own forward, is written below
+(`uses_reference`, `FastLoRAForward`); fast/patch.py installs it.
 """
 
 import torch
+from torch import nn
 
-from fast import dropout_kernels as kernels
+import fast.dropout_kernels as kernels
+import fast.state as state
+from fast.ops import add_masked_, apply_mask, kernel, pack_mask
+from lora.layer import LoRALinear
 from quant.linear4bit import Linear4bit, dequantize
-from fast.fused import add_masked_, apply_mask, kernel, pack_mask
+
+
+def uses_reference(layer):
+    """`layer` (a LoRALinear) runs its own forward, the formula of lora/layer.py, not the fast
+    one: merged (the update is inside W); inference (its 4-bit base then runs bitsandbytes' own
+    kernels, a fused 4-bit GEMV at batch 1, where dequantizing all of W per token, as the
+    functions here do, would be 5x slower); or a base weight that trains (an output head's rows
+    for added tokens, train.py): the functions here treat W as frozen."""
+    return layer.merged or state.is_inference(layer) or layer.base_layer.weight.requires_grad
+
+
+def compute_dtype(layer, x):
+    """Autocast's dtype when it is on (bf16 training), else the base's (its weight's, or a 4-bit
+    layer's compute_dtype), like bnb's own Linear4bit. The fp32 A and B are cast to it for the
+    products, as autocast would cast them."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if isinstance(layer.base_layer, Linear4bit):
+        return layer.base_layer.compute_dtype or x.dtype
+    return layer.base_layer.weight.dtype
+
+
+def training_dropout(layer):
+    """The dropout probability `layer`'s forward applies: p in training mode, else 0."""
+    return layer.lora_dropout.p if layer.training and isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
 def dense_weight(base, dtype):
@@ -52,7 +84,7 @@ def dense_weight(base, dtype):
 
 
 def dropout_seed():
-    """One seed per call for lora/kernels.py's masks, from the CPU generator: a checkpoint's
+    """One seed per call for fast/dropout_kernels.py's masks, from the CPU generator: a checkpoint's
     recompute replays that generator, so it draws the same seed and rebuilds the same mask."""
     return int(torch.randint(2**31, ()))
 
@@ -126,3 +158,31 @@ class LoRALinearFunction(torch.autograd.Function):
             if dx is not None:
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         return dx, d_a, d_b, None, None, None, None, None, None, None
+
+
+class FastLoRAForward:
+    """One LoRALinear's forward on the fast path: fast.enable sets it as that instance's
+    `forward` (the class, and so every layer it was not set on, keeps the reference).
+
+    `shared_input`: the layer reads the same input as its siblings (q/k/v, gate/up), so with
+    torch's dropout its backward keeps that input, not a dropped-out copy (see above).
+    `precomputed`: (x, y), this layer's output y for input x, already computed together with its
+    siblings (fast/siblings.py, set by the fast attention forward); the next call with that very
+    x returns it.
+    """
+
+    rawqlora_fast = True  # fast/patch.py's mark of a forward it has swapped in
+
+    def __init__(self, layer, shared_input):
+        self.layer, self.shared_input, self.precomputed = layer, shared_input, None
+
+    def __call__(self, x, output_needed=True):
+        layer = self.layer
+        if self.precomputed is not None and self.precomputed[0] is x:
+            y, self.precomputed = self.precomputed[1], None
+            return y
+        if uses_reference(layer):
+            return LoRALinear.forward(layer, x)
+        return LoRALinearFunction.apply(x, layer.lora_A.weight, layer.lora_B.weight, layer.base_layer, layer.scaling,
+                                        training_dropout(layer), compute_dtype(layer, x), self.shared_input,
+                                        output_needed, state.kernels_on(x.device))

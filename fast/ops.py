@@ -28,32 +28,19 @@ Written out, each is one function of its inputs:
                byte: 7/8 of the masks' memory, 0.5 GiB at 16k tokens on a 7B model. Unpacking
                fuses into the kernel that applies the mask.
 
-On CUDA each function here is compiled with torch.compile into one fused kernel (rotary:
-a Triton kernel by hand, rawqlora/rotary_kernel.py); elsewhere (and with compile=False) the
-same Python runs eagerly. tests/test_fused.py checks
-both against transformers' modules. Only the norms and MLPs whose math is exactly the
-above are replaced (`FUSABLE_NORMS`, `FUSABLE_MLPS` with a SiLU, `FUSABLE_ATTENTIONS`);
-others, such as Gemma's (1 + w) norm, keep their own forward.
+Where `state.kernels_on(device)` (fast/state.py: CUDA, after `fast.enable(model)`), each
+function here is compiled with torch.compile into one fused kernel (rotary: a Triton kernel by
+hand, fast/rotary_kernel.py); elsewhere the same Python runs eagerly. tests/test_fused.py checks
+both against transformers' modules. Which models' modules use them is fast/patch.py's business.
 """
 
-import contextvars
 import math
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from fast import rotary_kernel, triton_support
-from training.grad_ckpt import is_recomputing
-
-# RMSNorm classes whose forward is `w * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`.
-FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
-# MLP classes of the form `down_proj(act(gate_proj(x)) * up_proj(x))` (act checked to be SiLU)
-# whose decoder layers add the MLP's output straight into the residual stream.
-FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
-# Attention classes whose forward calls their modeling module's global
-# `apply_rotary_pos_emb(q, k, cos, sin)`, written as the Rotary formula above.
-FUSABLE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "MixtralAttention", "Qwen2Attention")
+import fast.rotary_kernel as rotary_kernel
+import fast.state as state
 
 
 def rms_norm_forward(x, weight, eps):
@@ -122,17 +109,13 @@ def add_masked_(out, t, packed, scale):
 
 
 _compiled = {}  # fn -> its torch.compile'd version
-COMPILE_ON_CUDA = False  # enable() turns it on: without it (--no-fused-kernels) everything runs eager
-
-
-def triton_kernels_on(device):
-    """The hand-written Triton kernels run on `device`: enable() has run and Triton is there."""
-    return COMPILE_ON_CUDA and triton_support.available(device)
 
 
 def kernel(fn, device):
-    """`fn` as it runs on `device`: compiled on CUDA once `enable()` has run, else itself."""
-    if not (COMPILE_ON_CUDA and device.type == "cuda"):
+    """`fn` as it runs on `device`: torch.compile'd where `state.kernels_on(device)`, else itself.
+    (Compiled on CUDA only, even where a test turns the kernels on for the CPU to run the Triton
+    kernels in Triton's interpreter: there inductor would build C++, slowly, for nothing.)"""
+    if not (state.kernels_on(device) and device.type == "cuda"):
         return fn
     if fn not in _compiled:
         # dynamic: one kernel for every sequence length, not a recompile per batch shape
@@ -178,14 +161,14 @@ class SwiGLUFunction(torch.autograd.Function):
 class RotaryFunction(torch.autograd.Function):
     """q, k [batch, heads, seq, head_dim] rotated; cos, sin [batch, 1, seq, head_dim].
 
-    On CUDA a hand-written Triton kernel (rawqlora/rotary_kernel.py: torch.compile's ran at
-    30% of the bandwidth on these transposed views), elsewhere the functions above.
+    With kernels on a hand-written Triton kernel (fast/rotary_kernel.py: torch.compile's ran at
+    30% of the bandwidth on these transposed views), else the functions above.
     """
 
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         with torch.autocast(q.device.type, enabled=False):
-            if triton_kernels_on(q.device):
+            if state.kernels_on(q.device):
                 q_out, k_out = rotary_kernel.rotate(q, cos, sin), rotary_kernel.rotate(k, cos, sin)
             else:
                 q_out, k_out = rotary_forward(q, k, cos, sin)
@@ -196,133 +179,8 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         with torch.autocast(dq.device.type, enabled=False):
-            if triton_kernels_on(dq.device):
+            if state.kernels_on(dq.device):
                 dq, dk = (rotary_kernel.rotate(t, cos, sin, backward=True) for t in (dq, dk))
             else:
                 dq, dk = rotary_backward(dq, dk, cos, sin)
         return dq, dk, None, None
-
-
-# ------------------------------------------------------------------------------------------
-# Swapping them in: the modules keep their names, parameters and state dict; only the
-# bound forward changes, and only for training (the no-grad first pass of a checkpointed layer
-# included); inference, in eval mode without gradients, keeps the model's own.
-# ------------------------------------------------------------------------------------------
-def is_inference(module):
-    """Eval mode without gradients (generation): the model's own forward and bitsandbytes'
-    inference kernels. A training-mode pass without gradients (the first pass of an offloaded
-    checkpoint) is not inference: it must compute exactly what its recompute will. LoRALinear
-    decides its path with this too, so the two never disagree."""
-    return not (module.training or torch.is_grad_enabled())
-
-
-def _fused_norm_forward(norm):
-    plain = norm.forward
-
-    def forward(hidden_states):
-        if is_inference(norm):
-            return plain(hidden_states)
-        return RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
-
-    return forward
-
-
-def _fused_mlp_forward(mlp, run_together):
-    plain = mlp.forward
-
-    def forward(x):
-        if is_inference(mlp):
-            return plain(x)
-        gate_up = run_together((mlp.gate_proj, mlp.up_proj), x)
-        h = SwiGLUFunction.apply(*(gate_up or (mlp.gate_proj(x), mlp.up_proj(x))))
-        if is_recomputing() and hasattr(mlp.down_proj, "lora_A"):
-            # In these decoder layers the MLP's output only feeds the residual add, which is
-            # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
-            # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
-            return mlp.down_proj(h, output_needed=False)
-        return mlp.down_proj(h)
-
-    return forward
-
-
-# Rotary embedding is a module-level function that the attention forward looks up by name, so
-# the fused one goes in there: once per modeling module, as a dispatcher that runs
-# transformers' own function unless a fused attention's forward is on the stack (this flag).
-# Every other model, and inference, keeps the plain function.
-_rotary_fused_here = contextvars.ContextVar("rotary_fused_here", default=False)
-
-
-def _install_rotary_dispatch(modeling):
-    plain = modeling.apply_rotary_pos_emb
-    if getattr(plain, "rawqlora_plain", None) is not None:
-        return
-
-    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if not _rotary_fused_here.get():
-            return plain(q, k, cos, sin, unsqueeze_dim)
-        return RotaryFunction.apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
-
-    apply_rotary_pos_emb.rawqlora_plain = plain
-    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
-
-
-def _fused_attention_forward(attention, run_together):
-    plain = attention.forward
-    _install_rotary_dispatch(sys.modules[type(attention).__module__])
-
-    def forward(*args, **kwargs):
-        if is_inference(attention):
-            return plain(*args, **kwargs)
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)  # LoRA may come after enable()
-        # q, k and v as one (lora/siblings.py): the attention then calls each projection on
-        # this same hidden_states, and each hands back its share (LoRALinear.precomputed).
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        outputs = run_together(projections, x)
-        for projection, y in zip(projections, outputs or ()):
-            projection.precomputed = (x, y)
-        token = _rotary_fused_here.set(True)
-        try:
-            return plain(*args, **kwargs)
-        finally:
-            _rotary_fused_here.reset(token)
-            for projection in projections if outputs is not None else ():
-                projection.precomputed = None  # never kept past this call, taken or not
-
-    return forward
-
-
-def is_swiglu_mlp(module):
-    """`down(silu(gate(x)) * up(x))` in a decoder layer whose MLP output only feeds the residual
-    add. Named classes only: a look-alike elsewhere (OLMo-2 normalises the MLP's output, so its
-    backward reads it) must keep its own forward, or the recompute shortcut would be wrong."""
-    return (type(module).__name__ in FUSABLE_MLPS
-            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
-
-
-def enable(model, compile=True):
-    """Route every fusable RMSNorm, SwiGLU MLP and attention's rotary embedding of `model`
-    through the functions above.
-
-    Also turns on LoRA layers' fused dropout (lora/kernels.py; Triton, so CUDA only), and
-    runs the LoRA layers of q/k/v and of gate/up together where they can (lora/siblings.py).
-    Returns how many modules were swapped. `compile=False` keeps the eager path on CUDA too.
-    """
-    from fast.siblings import run_together  # lora imports this module: imported here, not above
-
-    global COMPILE_ON_CUDA
-    COMPILE_ON_CUDA = compile
-    swapped = 0
-    for module in model.modules():
-        if hasattr(module, "fused_dropout"):  # a LoRALinear (lora/ imports this module, not the reverse)
-            module.fused_dropout = compile
-            continue
-        if type(module).__name__ in FUSABLE_NORMS:
-            module.forward = _fused_norm_forward(module)
-        elif is_swiglu_mlp(module):
-            module.forward = _fused_mlp_forward(module, run_together)
-        elif type(module).__name__ in FUSABLE_ATTENTIONS:
-            module.forward = _fused_attention_forward(module, run_together)
-        else:
-            continue
-        swapped += 1
-    return swapped

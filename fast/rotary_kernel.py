@@ -1,4 +1,4 @@
-"""Rotary embedding as one Triton kernel per tensor (CUDA): rawqlora/fused.py's formula
+"""Rotary embedding as one Triton kernel per tensor (CUDA): fast/ops.py's formula
 
     forward    y  = x ⊙ cos + rot(x) ⊙ sin          rot(x) = (−x₂, x₁)
     backward   dx = dy ⊙ cos − rot(dy ⊙ sin)

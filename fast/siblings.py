@@ -2,7 +2,7 @@
 autograd function.
 
 For adapters j = 1..G over one input x [N, in], each with frozen W_j, trainable A_j [r, in],
-B_j [out_j, r], scaling s_j and its own dropout mask m_j (lora/function.py has one layer's
+B_j [out_j, r], scaling s_j and its own dropout mask m_j (fast/lora_function.py has one layer's
 formulas, which these are, side by side):
 
     forward    a   = [x_d1 A_1ᵀ | ... | x_dG A_Gᵀ]                         [N, G·r]
@@ -16,39 +16,39 @@ Why: one layer at a time, autograd adds the siblings' input gradients up in pass
 again, and every layer pays the Python and launch overhead of a function of its own, which
 on a 7B model is about as long as a k or v projection's GPU work. Here dx is one tensor that
 every GEMM and the dropout kernel add into in place, the dropout forward reads x once for all
-members (lora/kernels.py, `members`), and there is one function.
+members (fast/dropout_kernels.py, `members`), and there is one function.
 
-Dropout: the masks come from lora/kernels.py's hash (seeds seed, seed + 1, ...), so siblings
-run together only where that is the dropout path (`fused_dropout` on CUDA) or there is no
-dropout. With the plain path's torch dropout each layer draws its own mask, in the order the
-model calls them, to stay equal to PEFT's: there they run one by one.
+Dropout: the masks come from fast/dropout_kernels.py's hash (seeds seed, seed + 1, ...), so
+siblings run together only where that is the dropout path (`state.kernels_on`: CUDA) or there
+is no dropout. With torch's dropout each layer draws its own mask, in the order the model calls
+them, to stay equal to the reference's (and PEFT's): there they run one by one.
 
-Who calls it: rawqlora/fused.py, for the attentions' q/k/v (through `LoRALinear.precomputed`,
+Who calls it: fast/patch.py, for the attentions' q/k/v (through `FastLoRAForward.precomputed`,
 since transformers' attention calls the three itself) and the SwiGLU MLPs' gate/up.
 """
 
 import torch
 
-from fast import dropout_kernels as kernels
-from fast.lora_function import b_side_grads, dense_weight, dropout_seed, output
+import fast.dropout_kernels as kernels
+import fast.state as state
+from fast.lora_function import (b_side_grads, compute_dtype, dense_weight, dropout_seed, output, training_dropout,
+                                uses_reference)
 from lora.layer import LoRALinear
-from fast.fused import is_inference
 
 
 def run_together(layers, x):
     """The outputs of `layers` (each reading `x`) from one `LoRASiblingsFunction`, or None
-    where they must run one by one: not all LoRA layers, merged, inference, torch's dropout
-    (PEFT-equal masks, drawn per layer), more than three with dropout, or differing in rank,
-    dropout or dtype."""
-    if not all(isinstance(layer, LoRALinear) for layer in layers):
-        return None
-    if any(layer.merged or is_inference(layer) for layer in layers):
+    where they must run one by one: not all LoRA layers, one of them on its reference forward
+    (`uses_reference`: merged, inference, a base that trains), torch's dropout (reference-equal
+    masks, drawn per layer), more than three with dropout, or differing in rank, dropout or
+    dtype."""
+    if not all(isinstance(layer, LoRALinear) for layer in layers) or any(map(uses_reference, layers)):
         return None
     first = layers[0]
-    dropout, dtype = first.training_dropout(), first.compute_dtype(x)
-    if dropout > 0 and (len(layers) > 3 or not all(layer.fused_dropout_on(x.device) for layer in layers)):
-        return None  # the dropout kernels take up to three members
-    if any(layer.r != first.r or layer.training_dropout() != dropout or layer.compute_dtype(x) != dtype
+    dropout, dtype = training_dropout(first), compute_dtype(first, x)
+    if dropout > 0 and (len(layers) > 3 or not state.kernels_on(x.device)):
+        return None  # torch's dropout draws per layer; the kernels take up to three members
+    if any(layer.r != first.r or training_dropout(layer) != dropout or compute_dtype(layer, x) != dtype
            for layer in layers):
         return None
     weights = [w for layer in layers for w in (layer.lora_A.weight, layer.lora_B.weight)]

@@ -12,9 +12,6 @@ and the `modules_to_save.default` wrapper before writing.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora.inject import inject, lora_modules, resolve_targets
+from quant import staged_dir
 from rawqlora.errors import BadInput
 
 CONFIG_NAME = "adapter_config.json"
@@ -85,20 +83,14 @@ def save_adapter(model, path, base_model=None, modules_to_save=None, overwrite=F
     """Write the model's LoRA weights (and any `modules_to_save`, whole) as a PEFT adapter.
 
     `base_model` goes into base_model_name_or_path (default: the model's own name_or_path).
-    The directory appears complete or not at all: we write a temporary sibling and rename it
-    into place. An existing non-empty `path` is refused unless `overwrite=True`: the trainer
-    saves only into directories it owns and says so; anyone else gets an error, not data loss.
+    The directory appears complete or not at all (`quant.staged_dir`). An existing non-empty
+    `path` is refused unless `overwrite=True`: the trainer saves only into directories it
+    owns and says so; anyone else gets an error, not data loss.
     """
     path = Path(path)
     modules = lora_modules(model)
     if not modules:
         raise BadInput("the model has no LoRA layers to save; call lora.inject first")
-    if path.exists() and not path.is_dir():
-        raise BadInput(f"{path} exists and is not a directory; choose another adapter path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise BadInput(
-            f"{path} already exists and is not empty; choose a new directory or pass overwrite=True"
-        )
     r, alpha, dropout, rslora = _hyperparameters(modules)
     names = sorted(modules)
 
@@ -140,24 +132,13 @@ def save_adapter(model, path, base_model=None, modules_to_save=None, overwrite=F
     # a warning; PEFT fills the fields we leave out with their defaults, which is what we mean.
     # Copying all ~45 fields PEFT 0.21 writes would make older PEFTs warn about each unknown one.
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private (0700); the adapter is an ordinary output directory
-    try:
+    with staged_dir(path, overwrite) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})  # PEFT's metadata
-        if path.exists():  # os.replace cannot replace a non-empty directory: move it aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_adapter_files(path):
+def read_adapter(path):
+    """(config, tensors) of the PEFT adapter in `path`, checked; tensor names without PEFT's PREFIX."""
     path = Path(path)
     if not path.is_dir():
         raise BadInput(f"adapter directory {path} does not exist; pass one save_adapter wrote")
@@ -178,7 +159,12 @@ def read_adapter_files(path):
     for key, off in PLAIN_LORA.items():
         if config.get(key) not in (off, None):
             raise BadInput(f"{path} uses {key}={config[key]!r}, which rawqlora does not support")
-    return config, tensors
+    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise BadInput(f"adapter {path} has NaN/inf in {bad[0]}; the run that wrote it diverged")
+    if any(not k.startswith(PREFIX) for k in tensors):
+        raise BadInput(f"adapter {path} has tensors not named {PREFIX}...; is it a PEFT adapter?")
+    return config, {k.removeprefix(PREFIX): t for k, t in tensors.items()}
 
 
 def load_adapter(model, path):
@@ -189,13 +175,7 @@ def load_adapter(model, path):
     like every non-LoRA weight they stay frozen. Every tensor is checked before any is copied,
     but after a BadInput the model may hold fresh LoRA layers: load a new base to retry.
     """
-    config, tensors = read_adapter_files(path)
-    bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise BadInput(f"adapter {path} has NaN/inf in {bad[0]}; the run that wrote it diverged")
-    if any(not k.startswith(PREFIX) for k in tensors):
-        raise BadInput(f"adapter {path} has tensors not named {PREFIX}...; is it a PEFT adapter?")
-    tensors = {k.removeprefix(PREFIX): t for k, t in tensors.items()}
+    config, tensors = read_adapter(path)
 
     # A trainer that added tokens (e.g. ChatML's <|im_start|>) grew the vocabulary and saved the
     # embeddings whole; the base model on disk still has the old vocabulary. Grow it first so

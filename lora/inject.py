@@ -74,11 +74,6 @@ def resolve_targets(model, targets):
     return sorted(names)
 
 
-# Projections that read the same input as their siblings (attention's q/k/v; the SwiGLU
-# gate/up, Mixtral's w1/w3): with dropout, their backward keeps that input once (LoRALinear.shared_input).
-SHARED_INPUT_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3"}
-
-
 def inject(model, targets, r, alpha, dropout=0.0, rslora=False):
     """Wrap every module `targets` selects in a LoRALinear; freeze all other parameters.
 
@@ -97,9 +92,7 @@ def inject(model, targets, r, alpha, dropout=0.0, rslora=False):
         base = getattr(parent, child)
         # A new module starts in training mode; take the base's mode instead, so injecting
         # into a model in eval() does not silently switch LoRA dropout on.
-        wrapped = LoRALinear(base, r, alpha, dropout, rslora).train(base.training)
-        wrapped.shared_input = child in SHARED_INPUT_NAMES
-        setattr(parent, child, wrapped)
+        setattr(parent, child, LoRALinear(base, r, alpha, dropout, rslora).train(base.training))
     # Only adapters train: the base (4-bit or not), norms and embeddings stay as loaded.
     for p in model.parameters():
         p.requires_grad_(False)

@@ -9,6 +9,11 @@
 Only A and B train. B starts at zero, so a freshly wrapped model computes exactly what the
 base model computed. Names follow PEFT (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so
 our state-dict keys are PEFT's on-disk keys without the `base_model.model.` prefix.
+
+`forward` is this formula, and it is what trains through plain autograd unless train.py turns
+the fast path on: `fast.enable(model)` then gives each LoRALinear instance a faster forward of
+the same math (fast/lora_function.py; tests/test_fast.py holds the two equal), and this class
+stays as written. `merged_weight` is the merge as a pure function, shared with merge.py.
 """
 
 import math
@@ -16,11 +21,17 @@ import math
 import torch
 from torch import nn
 
-from fast.lora_function import LoRALinearFunction
 from quant.linear4bit import Linear4bit, keep_standard_layout
-from fast import triton_support
 from rawqlora.errors import BadInput
-from fast.fused import is_inference
+
+
+def merged_weight(weight, lora_a, lora_b, scaling):
+    """W + scaling · B @ A in fp32: the dense weight one LoRA layer computes, [out, in].
+
+    Pure (nothing is modified). As torchtune's `get_merged_lora_ckpt`: summed in fp32, so the
+    caller rounds once to its storage dtype (bf16 W + a bf16 delta would round twice).
+    """
+    return weight.float() + scaling * (lora_b.float() @ lora_a.float())
 
 
 class LoRALinear(nn.Module):
@@ -49,57 +60,20 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False  # True while B·A·scaling is added into base_layer.weight
-        # Set by inject for layers that read the same input as a sibling (q/k/v, gate/up):
-        # backward then keeps that one input, not a dropped-out copy each (lora/function.py).
-        self.shared_input = False
-        # Set by rawqlora.fused.enable: on CUDA, dropout inside the Triton kernels of lora/kernels.py.
-        self.fused_dropout = False
-        # (x, y): this layer's output y for input x, already computed together with its
-        # siblings (lora/siblings.py); the next call with that very x returns it.
-        self.precomputed = None
 
-    def forward(self, x, output_needed=True):
-        if self.precomputed is not None and self.precomputed[0] is x:
-            y, self.precomputed = self.precomputed[1], None
-            return y
+    def forward(self, x):
         if self.merged:  # the update is already inside W
             return self.base_layer(x)
-        if is_inference(self) or self.base_layer.weight.requires_grad:
-            # Generation: the formula as written, so a 4-bit base runs bitsandbytes' own
-            # kernels (a fused 4-bit GEMV at batch 1, where dequantizing all of W per token,
-            # as the training path does, would be 5x slower). Also a base weight that trains
-            # (an output head's rows for added tokens): the function below treats W as frozen.
-            lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
-            result = self.base_layer(x)
-            return result + (lora * self.scaling).to(result.dtype)
-        # The whole layer is one autograd function (lora/function.py has the formulas and
-        # the reasons): the LoRA term is added inside the output GEMM, and backward keeps
-        # only the (dropped-out) input, never an fp32 copy of it nor a dequantized W.
-        return LoRALinearFunction.apply(x, self.lora_A.weight, self.lora_B.weight, self.base_layer, self.scaling,
-                                        self.training_dropout(), self.compute_dtype(x), self.shared_input,
-                                        output_needed, self.fused_dropout_on(x.device))
-
-    def compute_dtype(self, x):
-        """Autocast's dtype when it is on (bf16 training), else the base's (its weight's, or a
-        4-bit layer's compute_dtype), like bnb's own Linear4bit. The fp32 A and B are cast to it
-        for the products, as autocast would cast them."""
-        if torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        if isinstance(self.base_layer, Linear4bit):
-            return self.base_layer.compute_dtype or x.dtype
-        return self.base_layer.weight.dtype
-
-    def training_dropout(self):
-        """The dropout probability this forward applies: p in training mode, else 0."""
-        return self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
-
-    def fused_dropout_on(self, device):
-        """Dropout runs inside lora/kernels.py's Triton kernels for inputs on `device`."""
-        return self.fused_dropout and triton_support.available(device)
+        result = self.base_layer(x)
+        # x is cast to the adapter's dtype (fp32 A and B under a bf16 or 4-bit base), as PEFT
+        # does; the update comes back in the base's output dtype, so a bf16 model stays bf16.
+        lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))
+        return result + (lora * self.scaling).to(result.dtype)
 
     def delta_weight(self):
         """scaling · B @ A, shape [out, in], fp32: what merging adds to the base weight."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        zero = torch.zeros((), device=self.lora_A.weight.device)
+        return merged_weight(zero, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     @torch.no_grad()
     def merge(self):
@@ -110,12 +84,12 @@ class LoRALinear(nn.Module):
             raise TypeError("cannot merge LoRA into a 4-bit base layer; dequantize it first")
         if self.merged:
             return
-        delta = self.delta_weight()
-        if not torch.isfinite(delta).all():  # as PEFT's safe_merge: never corrupt W with NaN/inf
-            raise BadInput("LoRA weights are not finite (did training diverge?); refusing to merge")
         weight = self.base_layer.weight
+        merged = merged_weight(weight, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        if not torch.isfinite(merged).all():  # as PEFT's safe_merge: never corrupt W with NaN/inf
+            raise BadInput("LoRA weights are not finite (did training diverge?); refusing to merge")
         # fp32 sum, then one rounding to the base dtype (bf16 W + bf16 delta would round twice).
-        weight.copy_(weight.float() + delta)
+        weight.copy_(merged)
         self.merged = True
 
     @torch.no_grad()
@@ -124,7 +98,7 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         weight = self.base_layer.weight
-        weight.copy_(weight.float() - self.delta_weight())
+        weight.copy_(merged_weight(weight, self.lora_A.weight, self.lora_B.weight, -self.scaling))
         self.merged = False
 
     def extra_repr(self):

@@ -57,7 +57,7 @@ from quant.experts import module_key, unfuse_experts
 from quant.load import (checkpoint_files, load_model, open_checkpoint, place, read_config, read_tensor,
                         rebuild_computed_buffers)
 from quant.save import MAX_SHARD_BYTES, copy_tokenizer, write_weights
-from rawqlora import data
+from training import data
 from rawqlora.cli import ArgumentParser, run
 from rawqlora.errors import BadInput
 
@@ -564,7 +564,7 @@ def load_gptq(path, device=None, dtype=torch.bfloat16, trust_remote_code=False):
 def calibration_batches(spec, tokenizer, samples, seq_len, batch_size=8, seed=0):
     """Rows of seq_len token ids from a data file, rendered as train.py renders it, for calibration.
 
-    Records are shuffled (seeded), encoded by rawqlora.data (chat template, BOS, EOS after each
+    Records are shuffled (seeded), encoded by training.data (chat template, BOS, EOS after each
     response) and concatenated, as the paper cuts 2048-token segments from a text stream; the
     stream is cut into at most `samples` rows of exactly seq_len tokens (one shorter row when the
     data has fewer). Equal rows need no padding, so every token in H is a real one.

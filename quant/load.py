@@ -12,22 +12,21 @@ device memory near the final 4-bit model. A directory written by `save_quantized
 back as stored (packed 4-bit data + quantization state), without quantizing again.
 """
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from rawqlora.errors import BadInput
 
 from .experts import module_key, unfuse_experts
 from .linear4bit import Linear4bit, bnb, keep_standard_layout
+from .model_dir import checkpoint_files, checkpoint_shapes, open_checkpoint, read_config, read_tensor
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # QLoRA's choice, and bitsandbytes' and transformers' default
-INDEX = "model.safetensors.index.json"
+SKIP = ("lm_head",)  # kept dense by default: QLoRA's recipe, and transformers' for bnb 4-bit
 
 
 def load_model(
@@ -36,7 +35,7 @@ def load_model(
     double_quant=True,
     compute_dtype=torch.bfloat16,
     device=None,
-    skip=("lm_head",),
+    skip=SKIP,
     trust_remote_code=False,
 ):
     """A causal LM from the directory `path`, its Linear layers in 4-bit, the rest in `compute_dtype`.
@@ -57,26 +56,20 @@ def load_model(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     config = read_config(path, trust_remote_code)
     files = checkpoint_files(path)
-    keys = {file: checkpoint_keys(file) for file in files}  # headers only: catches truncation early
+    keys = {file: checkpoint_shapes(file) for file in files}  # headers only: catches truncation early
 
     stored = getattr(config, "quantization_config", None)
     if stored is not None:
         quant = prequantized_type(path, stored, quant)
 
-    # Building on the meta device allocates nothing and skips the random init, which
-    # for a 7B model would otherwise cost minutes and the model's full size in memory.
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=compute_dtype, trust_remote_code=trust_remote_code
-        )
-        unfuse_experts(model)
-        if stored is not None:
-            # Exactly the Linears whose weight carries a quantization state are 4-bit.
-            stats = {k for ks in keys.values() for k in ks if ".weight.quant_state." in k}
-            names = {module_key(config.model_type, k.split(".weight.")[0]) for k in stats}
-            to_4bit(model, lambda name: name in names, quant, double_quant, compute_dtype)
-        elif quant is not None:
-            to_4bit(model, lambda name: not skipped(name, skip), quant, double_quant, compute_dtype)
+    model = empty_model(config, compute_dtype, trust_remote_code)
+    if stored is not None:
+        # Exactly the Linears whose weight carries a quantization state are 4-bit.
+        stats = {k for ks in keys.values() for k in ks if ".weight.quant_state." in k}
+        to_4bit(model, {module_key(config.model_type, k.split(".weight.")[0]) for k in stats},
+                quant, double_quant, compute_dtype)
+    elif quant is not None:
+        to_4bit(model, quantized_modules(model, skip), quant, double_quant, compute_dtype)
 
     prequantized = {}  # module name -> {"weight": packed, "absmax": ..., ...}
     for file, file_keys in keys.items():
@@ -114,87 +107,6 @@ def load_model(
     return model.eval()
 
 
-# ---------------------------------------------------------------- checking the directory
-
-
-def checkpoint_files(path):
-    """The safetensors files of the model directory `path`, after checking they are all there."""
-    index = path / INDEX
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise BadInput(f"{index} is not a valid safetensors index ({e}): re-download the model") from e
-        for shard in shards:
-            if not (path / shard).is_file():
-                raise BadInput(f"{path} lacks shard {shard} listed in {INDEX}: re-download the model")
-        return [path / shard for shard in shards]
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) == 1:
-        return files
-    if len(files) > 1:
-        raise BadInput(f"{path} has several *.safetensors files but no {INDEX}: re-download the model")
-    if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-        raise BadInput(
-            f"{path} has only PyTorch pickle weights (.bin/.pt), which rawqlora never reads because "
-            "unpickling can run code: convert them to safetensors with save_pretrained"
-        )
-    raise BadInput(f"{path} has no *.safetensors weights: give a directory with the model's weights")
-
-
-def open_checkpoint(file):
-    try:
-        return safe_open(file, framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise BadInput(f"{file} is truncated or corrupted ({e}): re-download it") from e
-
-
-def checkpoint_keys(file):
-    """The tensor names in `file`. Opening parses the header, which must cover the file exactly."""
-    with open_checkpoint(file) as f:
-        return list(f.keys())
-
-
-def read_tensor(f, file, key):
-    try:
-        return f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise BadInput(f"{file} is truncated or corrupted (reading {key}: {e}): re-download it") from e
-
-
-def read_config(path, trust_remote_code):
-    if not path.exists():
-        raise BadInput(f"model path {path} does not exist: give a local Hugging Face model directory")
-    if not path.is_dir():
-        raise BadInput(f"model path {path} is not a directory: give the directory holding config.json")
-    if not (path / "config.json").is_file():
-        raise BadInput(f"{path} has no config.json: it is not a Hugging Face model directory")
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (ValueError, AttributeError) as e:
-        raise BadInput(f"{path / 'config.json'} is not a valid JSON object ({e})") from e
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as e:
-        if "auto_map" in (path / "config.json").read_text() and not trust_remote_code:
-            raise BadInput(
-                f"{path}: model_type {model_type!r} needs the model's own code (auto_map in config.json), "
-                "which runs only with --trust-remote-code: pass it if you trust where the model came from"
-            ) from e
-        raise BadInput(
-            f"{path}: model_type {model_type!r} is not an architecture transformers knows: "
-            "upgrade transformers or pick a supported model"
-        ) from e
-    if type(config) not in AutoModelForCausalLM._model_mapping and not trust_remote_code:
-        raise BadInput(
-            f"{path}: model_type {model_type!r} has no causal-LM class in transformers: "
-            "rawqlora fine-tunes decoder-only language models"
-        )
-    return config
-
-
 def prequantized_type(path, stored, quant):
     """The 4-bit type of a `save_quantized` directory; its own settings win over the arguments."""
     stored = stored if isinstance(stored, dict) else stored.to_dict()
@@ -209,31 +121,78 @@ def prequantized_type(path, stored, quant):
 # ---------------------------------------------------------------- building the model
 
 
-def skipped(name, skip):
-    """Whether module `name` stays dense: some entry of `skip` is a whole dotted part of it."""
-    return any(f".{s}." in f".{name}." for s in skip)
+def empty_model(config, dtype=None, trust_remote_code=False):
+    """The model of `config` on the meta device, Mixtral's experts unfused (quant/experts.py).
+
+    The module tree without memory or random init, which for a 7B model would otherwise
+    cost minutes and the model's full size: the names LoRA targets resolve to, the Linears
+    `load_model` quantizes, the shapes its parameters will get.
+    """
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        unfuse_experts(model)
+    return model
 
 
-def to_4bit(model, wanted, quant, double_quant, compute_dtype):
-    """Swap each `nn.Linear` whose name passes `wanted` for an (empty, meta) `Linear4bit`."""
-    # A head tied to the input embedding shares its weight, which must stay an embedding.
+def quantized_modules(model, skip=SKIP):
+    """Names of the Linears `load_model` makes 4-bit: every `nn.Linear` but `skip` (module names
+    or dotted parts of names) and a head tied to the input embedding, whose weight is the embedding's."""
     tied_head = model.get_output_embeddings() if model.config.tie_word_embeddings else None
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or not wanted(name) or module is tied_head:
-            continue
-        new = Linear4bit(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
+    return {
+        name for name, m in model.named_modules()
+        if type(m) is nn.Linear and m is not tied_head and not any(f".{s}." in f".{name}." for s in skip)
+    }
+
+
+def new_linear4bit(in_features, out_features, bias, quant, double_quant, compute_dtype):
+    """An empty `Linear4bit` on the meta device, with the settings `load_model` uses."""
+    with torch.device("meta"):
+        layer = Linear4bit(
+            in_features,
+            out_features,
+            bias=bias,
             compute_dtype=compute_dtype,
             compress_statistics=double_quant,
             quant_type=quant,
             quant_storage=torch.uint8,
         )
-        new.weight.blocksize = BLOCKSIZE
-        keep_standard_layout(new)  # the same 4-bit layout on every CPU (quant/linear4bit.py)
-        new.requires_grad_(False)
-        model.set_submodule(name, new)
+    layer.weight.blocksize = BLOCKSIZE
+    keep_standard_layout(layer)  # the same 4-bit layout on every CPU (quant/linear4bit.py)
+    return layer.requires_grad_(False)
+
+
+def to_4bit(model, names, quant, double_quant, compute_dtype):
+    """Swap each `nn.Linear` of `model` named in `names` for an (empty, meta) `Linear4bit`."""
+    for name, module in list(model.named_modules()):
+        if name in names and type(module) is nn.Linear:
+            new = new_linear4bit(module.in_features, module.out_features, module.bias is not None,
+                                 quant, double_quant, compute_dtype)
+            model.set_submodule(name, new)
+
+
+def set_4bit_weight(module, weight):
+    """Quantize `weight` [out, in] (in the compute dtype, on its device) into the `Linear4bit` `module`.
+
+    Params4bit.to(device) is where bitsandbytes quantizes (blockwise absmax, 4-bit codes).
+    """
+    old = module.weight
+    module.weight = bnb.nn.Params4bit(
+        weight,
+        requires_grad=False,
+        blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics,
+        quant_type=old.quant_type,
+        quant_storage=old.quant_storage,
+        module=module,
+    ).to(weight.device)
+    return module
+
+
+def quantize_weight(weight, quant, double_quant):
+    """`weight` [out, in] as a `Linear4bit` exactly as `load_model` makes it: the same settings and
+    steps, so `dequantize` of it is the weight a model loaded in 4-bit multiplies with."""
+    layer = new_linear4bit(weight.shape[1], weight.shape[0], False, quant, double_quant, weight.dtype)
+    return set_4bit_weight(layer, weight)
 
 
 def is_quant_stat(model, name):
@@ -265,17 +224,7 @@ def place(model, name, tensor, device, compute_dtype, path):
     dtype = compute_dtype if tensor.is_floating_point() else tensor.dtype
     tensor = tensor.to(device=device, dtype=dtype, copy=True)
     if isinstance(module, Linear4bit) and attr == "weight":
-        old = module.weight
-        # Params4bit.to(device) is where bitsandbytes quantizes (blockwise absmax, 4-bit codes).
-        module.weight = bnb.nn.Params4bit(
-            tensor,
-            requires_grad=False,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=module,
-        ).to(device)
+        set_4bit_weight(module, tensor)
     elif attr in module._buffers:
         module._buffers[attr] = tensor
     else:

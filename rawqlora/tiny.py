@@ -17,13 +17,7 @@ from transformers import (
     Qwen2Config,
 )
 
-# ChatML, the template most chat models use; rendered by the tokenizer's Jinja engine.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from training.data import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 

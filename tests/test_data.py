@@ -12,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rawqlora.data import (
+from rawqlora.errors import BadInput
+from rawqlora.tiny import tiny_model, train_tokenizer
+from training.data import (
+    CHATML_TEMPLATE,
     IGNORE,
     alpaca_prompt,
     batches,
@@ -28,8 +31,6 @@ from rawqlora.data import (
     parse_roles,
     prepare,
 )
-from rawqlora.errors import BadInput
-from rawqlora.tiny import CHATML_TEMPLATE, tiny_model, train_tokenizer
 from conftest import TOKENIZER_TEXTS
 
 EOS = "</s>"

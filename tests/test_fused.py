@@ -1,4 +1,6 @@
-"""The fused RMSNorm, SwiGLU and rotary functions against transformers' own modules.
+"""fast/ops.py: the fused RMSNorm, SwiGLU and rotary functions against transformers' own modules,
+and which modules fast.enable swaps (fast/patch.py). Whole models after fast.enable against the
+reference: tests/test_fast.py.
 
 Tolerances. In fp32 the written-out backward is the same calculus as autograd's, in another
 order of operations: ~1e-7 per op, well under the 1e-5 relative allowed. In bf16 the
@@ -16,9 +18,8 @@ import copy
 import pytest
 import torch
 
-import lora
-from fast import fused
-from training.loss import causal_lm_loss
+import fast
+from fast import ops
 from rawqlora.tiny import tiny_model
 
 
@@ -54,7 +55,7 @@ def test_rms_norm_matches_transformers(dtype):
         norm.weight.normal_(1, 0.3)  # not all ones, so the weight's place in backward matters
     x = torch.randn(3, 7, norm.weight.shape[0], generator=torch.Generator().manual_seed(0)).to(dtype)
     ref_y, ref_d = grads_of(norm, x)
-    y, d = grads_of(lambda t: fused.RMSNormFunction.apply(t, norm.weight, norm.variance_epsilon), x)
+    y, d = grads_of(lambda t: ops.RMSNormFunction.apply(t, norm.weight, norm.variance_epsilon), x)
     assert torch.equal(y, ref_y)
     assert_gradients_match(d, ref_d, copy.deepcopy(norm).double(), [x])
 
@@ -64,7 +65,7 @@ def test_rms_norm_weight_gradient_when_it_trains():
     x = torch.randn(5, norm.weight.shape[0], generator=torch.Generator().manual_seed(0))
     _, (_, ref_dw) = grads_of(lambda t, w: w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)), x,
                               norm.weight)
-    _, (_, dw) = grads_of(lambda t, w: fused.RMSNormFunction.apply(t, w, 1e-6), x, norm.weight)
+    _, (_, dw) = grads_of(lambda t, w: ops.RMSNormFunction.apply(t, w, 1e-6), x, norm.weight)
     torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-6)
 
 
@@ -73,32 +74,9 @@ def test_swiglu_matches_silu_times_up(dtype):
     g = torch.Generator().manual_seed(0)
     gate, up = (torch.randn(4, 9, 64, generator=g).mul(3).to(dtype) for _ in range(2))  # SiLU's bend at |g|~3
     ref_y, ref_d = grads_of(lambda a, b: torch.nn.functional.silu(a) * b, gate, up)
-    y, d = grads_of(fused.SwiGLUFunction.apply, gate, up)
+    y, d = grads_of(ops.SwiGLUFunction.apply, gate, up)
     assert torch.equal(y, ref_y)
     assert_gradients_match(d, ref_d, lambda a, b: torch.nn.functional.silu(a) * b, [gate, up])
-
-
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_fused_model_gradients_equal_plain(arch):
-    # The whole point: swapping the forwards changes no number that training sees.
-    def lora_grads(use_fused):
-        model = tiny_model(arch, 101, seed=0)
-        lora.inject(model, "all-linear", r=4, alpha=8, dropout=0.0)
-        for m in lora.lora_modules(model).values():
-            torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-        if use_fused:
-            n_layers = len(model.model.layers)
-            # 2 norms, MLP and attention per layer, final norm
-            assert fused.enable(model, compile=False) == 4 * n_layers + 1
-        ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(1))
-        total, n = causal_lm_loss(model.model(input_ids=ids).last_hidden_state, model.lm_head, ids)
-        (total / n).backward()
-        return {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
-
-    plain, fast = lora_grads(False), lora_grads(True)
-    assert plain.keys() == fast.keys()
-    for k in plain:
-        torch.testing.assert_close(fast[k], plain[k], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,7 +97,7 @@ def test_rotary_matches_transformers(dtype):
         return out, (q_.grad, k_.grad)
 
     ref_out, ref_d = run(lambda a, b: plain(a, b, cos, sin), q, k)
-    out, d = run(lambda a, b: fused.RotaryFunction.apply(a, b, cos.unsqueeze(1), sin.unsqueeze(1)), q, k)
+    out, d = run(lambda a, b: ops.RotaryFunction.apply(a, b, cos.unsqueeze(1), sin.unsqueeze(1)), q, k)
     for o, r in zip(out, ref_out):
         assert torch.equal(o, r)  # same ops in the same order
     # The backward is exact in any precision up to one rounding of dy ⊙ sin (a permutation and
@@ -133,39 +111,19 @@ def test_rotary_matches_transformers(dtype):
             assert (a.double() - e).norm() <= 1.25 * (b.double() - e).norm() + 1e-12
 
 
-def test_rotary_dispatch_touches_only_fused_models(monkeypatch):
-    # The dispatcher sits in transformers' modeling module, but only a fused model's
+def test_rotary_dispatch_touches_only_fast_models(monkeypatch):
+    # The dispatcher sits in transformers' modeling module, but only a fast model's
     # attention turns it on: a plain model in the same process keeps the plain function.
     calls = []
-    apply = fused.RotaryFunction.apply
-    monkeypatch.setattr(fused.RotaryFunction, "apply", lambda *a: calls.append(1) or apply(*a))
-    fast, plain = tiny_model("llama", 101, seed=0), tiny_model("llama", 101, seed=0)
-    fused.enable(fast, compile=False)
+    apply = ops.RotaryFunction.apply
+    monkeypatch.setattr(ops.RotaryFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    faster, plain = tiny_model("llama", 101, seed=0), tiny_model("llama", 101, seed=0)
+    fast.enable(faster, compile=False)
     ids = torch.randint(0, 101, (1, 5), generator=torch.Generator().manual_seed(1))
     plain(input_ids=ids).logits.sum().backward()
     assert calls == []
-    fast(input_ids=ids).logits.sum().backward()
-    assert len(calls) == len(fast.model.layers)
-
-
-def test_inference_keeps_the_models_own_forward(monkeypatch):
-    norm, mlp = norm_and_mlp(torch.float32)
-    holder = torch.nn.ModuleDict(dict(norm=norm, mlp=mlp))
-    holder.eval()
-    before = copy.deepcopy(holder)
-    fused.enable(holder, compile=False)
-    x = torch.randn(2, 5, norm.weight.shape[0])
-    used = []
-    for fn in (fused.RMSNormFunction, fused.SwiGLUFunction):
-        monkeypatch.setattr(fn, "apply", lambda *a, _fn=fn.apply: used.append(1) or _fn(*a))
-    with torch.no_grad():  # eval, no gradients: the model's own forward
-        assert torch.equal(holder.mlp(holder.norm(x)), before.mlp(before.norm(x)))
-        assert holder.state_dict().keys() == before.state_dict().keys()
-    assert not used
-    holder.train()
-    with torch.no_grad():  # training mode without gradients (a checkpoint's first pass): fused
-        holder.mlp(holder.norm(x))
-    assert len(used) == 2
+    faster(input_ids=ids).logits.sum().backward()
+    assert len(calls) == len(faster.model.layers)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -182,16 +140,16 @@ def test_compiled_kernels_equal_eager(device, dtype):
     w = 1 + 0.3 * torch.randn(48, generator=g)
     gate, up = 3 * torch.randn(6, 48, generator=g), torch.randn(6, 48, generator=g)
     x, dy, w, gate, up = (t.to(device, dtype) for t in (x, dy, w, gate, up))
-    rstd = fused.rms_norm_forward(x, w, 1e-6)[1]
-    packed = fused.pack_mask(torch.rand(6, 48, generator=g).to(device) > 0.1)
+    rstd = ops.rms_norm_forward(x, w, 1e-6)[1]
+    packed = ops.pack_mask(torch.rand(6, 48, generator=g).to(device) > 0.1)
     cases = [
-        (fused.pack_mask, (torch.rand(6, 48, generator=g).to(device) > 0.1,)),
-        (fused.apply_mask, (x, packed, 1 / 0.9)),
-        (fused.add_masked_, (dy.clone(), gate, packed, 1 / 0.9)),
-        (fused.rms_norm_forward, (x, w, 1e-6)),
-        (fused.rms_norm_backward, (dy, x, w, rstd)),
-        (fused.swiglu_forward, (gate, up)),
-        (fused.swiglu_backward, (dy, gate, up)),
+        (ops.pack_mask, (torch.rand(6, 48, generator=g).to(device) > 0.1,)),
+        (ops.apply_mask, (x, packed, 1 / 0.9)),
+        (ops.add_masked_, (dy.clone(), gate, packed, 1 / 0.9)),
+        (ops.rms_norm_forward, (x, w, 1e-6)),
+        (ops.rms_norm_backward, (dy, x, w, rstd)),
+        (ops.swiglu_forward, (gate, up)),
+        (ops.swiglu_backward, (dy, gate, up)),
     ]
     bound = 1e-6 if dtype == torch.float32 else 2**-8
     for fn, args in cases:
@@ -205,9 +163,9 @@ def test_compiled_kernels_equal_eager(device, dtype):
 @pytest.mark.parametrize("shape", [(4, 16), (3, 5, 7), (1,)])
 def test_dropout_mask_round_trips_through_bits(shape):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.3
-    packed = fused.pack_mask(mask)
+    packed = ops.pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
-    assert torch.equal(fused.unpack_mask(packed, mask.shape), mask)
+    assert torch.equal(ops.unpack_mask(packed, mask.shape), mask)
 
 
 def test_look_alike_mlps_are_left_alone():
@@ -220,7 +178,7 @@ def test_look_alike_mlps_are_left_alone():
             self.act_fn = torch.nn.SiLU()
 
     mlp = OtherMLP()
-    assert fused.enable(mlp, compile=False) == 0 and "forward" not in vars(mlp)
+    assert fast.enable(mlp, compile=False) == 0 and "forward" not in vars(mlp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -236,7 +194,7 @@ def test_rotary_kernel_equals_formula(dtype):
         x = torch.randn(batch, seq, heads * dim, generator=g).view(batch, seq, heads, dim).transpose(1, 2)
         angles = torch.randn(cos_batch, 1, seq, dim, generator=g)
         x, cos, sin = x.to(device, dtype), angles.cos().to(device, dtype), angles.sin().to(device, dtype)
-        for backward, formula in [(False, fused.rotary_forward), (True, fused.rotary_backward)]:
+        for backward, formula in [(False, ops.rotary_forward), (True, ops.rotary_backward)]:
             ref = formula(x.double(), x.double(), cos.double(), sin.double())[0]
             out = rotary_kernel.rotate(x, cos, sin, backward=backward)
             assert out.dtype == dtype and out.stride() == x.stride()

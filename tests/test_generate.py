@@ -8,7 +8,9 @@ a tie at the cut-off has probability ~0.
 """
 
 import copy
+import json
 import io
+import shutil
 import sys
 
 import pytest
@@ -197,21 +199,13 @@ def test_stream_holds_back_partial_characters(tokenizer):
 
 def test_tokenizer_from_adapter_when_it_has_one(make_model_dir, tokenizer, tmp_path):
     # Training may add tokens; the adapter then carries the tokenizer that knows them.
+    model_dir = make_model_dir("llama")
     extended = copy.deepcopy(tokenizer)
     extended.add_tokens(["<|tool|>"])
     extended.save_pretrained(tmp_path)
-    args = cli.parse_args(["--model", str(make_model_dir("llama")), "--adapter", str(tmp_path), "hi"])
-    assert len(cli.load_tokenizer(args)) == len(tokenizer) + 1
-    args = cli.parse_args(["--model", str(make_model_dir("llama")), "hi"])
-    assert len(cli.load_tokenizer(args)) == len(tokenizer)
-
-
-needs_quant = pytest.mark.skipif(
-    not hasattr(quant, "load_model"), reason="quant.load_model has not landed yet"
-)
-needs_lora = pytest.mark.skipif(
-    not hasattr(lora, "load_adapter"), reason="lora.load_adapter has not landed yet"
-)
+    assert quant.tokenizer_source(model_dir, tmp_path) == tmp_path
+    assert len(quant.load_tokenizer(quant.tokenizer_source(model_dir, tmp_path))) == len(tokenizer) + 1
+    assert quant.tokenizer_source(model_dir) == quant.tokenizer_source(model_dir, tmp_path / "no-tokenizer") == model_dir
 
 
 def im_end(tokenizer):
@@ -224,7 +218,6 @@ def chat_prompt(tokenizer, text):
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
-@needs_quant
 def test_cli_prompt_from_stdin_streams_greedy_output(make_model_dir, tokenizer, llama, monkeypatch, capsys):
     prompt = "What is the capital of France?"
     monkeypatch.setattr(sys, "stdin", io.StringIO(prompt + "\n"))
@@ -235,7 +228,6 @@ def test_cli_prompt_from_stdin_streams_greedy_output(make_model_dir, tokenizer, 
     assert "tokens/s" in err
 
 
-@needs_quant
 def test_cli_batch_prints_each_output(make_model_dir, tokenizer, llama, capsys):
     cli.main(["--model", str(make_model_dir("llama")), "--raw", "--max-new-tokens", "8", *PROMPTS[:2]])
     out, _ = capsys.readouterr()
@@ -244,7 +236,20 @@ def test_cli_batch_prints_each_output(make_model_dir, tokenizer, llama, capsys):
         assert f">>> {text}\n{tokenizer.decode(ids, skip_special_tokens=True)}\n" in out
 
 
-@needs_quant
+def test_cli_falls_back_to_chatml_without_a_chat_template(make_model_dir, tokenizer, tmp_path, capsys):
+    path = shutil.copytree(make_model_dir("llama"), tmp_path / "m")
+    for f in path.glob("chat_template.*"):
+        f.unlink()
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    plain.save_pretrained(path)
+    cli.main(["--model", str(path), "--max-new-tokens", "8", PROMPTS[1]])
+    out, err = capsys.readouterr()
+    assert "no chat template; using ChatML" in err
+    cli.main(["--model", str(make_model_dir("llama")), "--max-new-tokens", "8", PROMPTS[1]])  # ChatML its own
+    assert capsys.readouterr().out == out
+
+
 def test_cli_quant_flags_reach_the_loader(make_model_dir, tokenizer, capsys):
     path = make_model_dir("llama")
     cli.main(["--model", str(path), "--quant", "nf4", "--raw", "--max-new-tokens", "8", PROMPTS[0]])
@@ -254,7 +259,6 @@ def test_cli_quant_flags_reach_the_loader(make_model_dir, tokenizer, capsys):
     assert out == tokenizer.decode(ids, skip_special_tokens=True) + "\n"
 
 
-@needs_quant
 def test_cli_chat_keeps_history(make_model_dir, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand then?\n/exit\nnever read\n"))
     cli.main(["--model", str(make_model_dir("llama")), "--chat", "--max-new-tokens", "4"])
@@ -265,8 +269,6 @@ def test_cli_chat_keeps_history(make_model_dir, monkeypatch, capsys):
     assert prefills[1] > prefills[0]
 
 
-@needs_quant
-@needs_lora
 def test_cli_adapter_matches_peft(make_model_dir, tokenizer, tmp_path, capsys):
     base = make_model_dir("llama")
     torch.manual_seed(0)
@@ -308,3 +310,50 @@ def test_cli_missing_model_dir_exits_2(tmp_path, capsys):
         run(cli.main, ["--model", str(tmp_path / "nope"), "hi"])
     assert e.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- tutorial inputs (issue 20)
+
+
+def test_cli_builds_the_4bit_base_the_adapter_trained_on(make_model_dir, tokenizer, tmp_path, monkeypatch, capsys):
+    """With train.py's train_config.json beside the adapter, the base is loaded as trained (here fp4
+    without double quantization), on the CPU too, not with generate.py's own defaults."""
+    path = make_model_dir("llama")
+    model = quant.load_model(path, quant="fp4", double_quant=False, compute_dtype=torch.float32, device="cpu")
+    lora.inject(model, "all-linear", r=4, alpha=8)
+    torch.manual_seed(0)
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    lora.save_adapter(model, tmp_path / "ad", base_model=str(path))
+    (tmp_path / "ad" / "train_config.json").write_text(json.dumps({"quant": "fp4", "double_quant": False}))
+    loads = []
+    real = quant.load_model
+    monkeypatch.setattr(quant, "load_model", lambda *a, **k: loads.append(k) or real(*a, **k))
+    cli.main(["--model", str(path), "--adapter", str(tmp_path / "ad"), "--raw", "--max-new-tokens", "8", PROMPTS[0]])
+    assert (loads[0]["quant"], loads[0]["double_quant"]) == ("fp4", False)
+    model.eval()
+    ids = generate(model, [tokenizer(PROMPTS[0])["input_ids"]], 8, [EOS, im_end(tokenizer)]).tokens[0]
+    assert capsys.readouterr().out == tokenizer.decode(ids, skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("lines.txt", "first prompt\nsecond prompt\n", ["first prompt", "second prompt"]),
+    ("blocks.txt", "Summarise:\nthe text\n\nTranslate:\nbonjour\n", ["Summarise:\nthe text", "Translate:\nbonjour"]),
+    ("p.jsonl", '"one"\n{"prompt": "two\\nlines"}\n', ["one", "two\nlines"]),
+])
+def test_prompt_file_shapes(tmp_path, name, text, expected):
+    (tmp_path / name).write_text(text)
+    args = cli.parse_args(["--model", "m", "--prompt-file", str(tmp_path / name)])
+    assert cli.read_prompts(args) == expected
+
+
+def test_raw_prompt_keeps_one_bos_and_long_runs_warn(make_model_dir, tokenizer, capsys):
+    from tokenizers.processors import TemplateProcessing
+
+    adds_bos = copy.deepcopy(tokenizer)  # as Llama's and Mistral's tokenizers do
+    adds_bos._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    once = cli.encode(adds_bos, "<s>The quick brown", raw=True)
+    assert once == cli.encode(adds_bos, "The quick brown", raw=True) and once.count(adds_bos.bos_token_id) == 1
+    cli.main(["--model", str(make_model_dir("llama", max_position_embeddings=16)), "--raw", "--max-new-tokens", "12",
+              PROMPTS[1]])
+    assert "past the model's max_position_embeddings (16)" in capsys.readouterr().err

@@ -416,3 +416,32 @@ def test_transformers_with_gptqmodel_loads_the_checkpoint(act_order, make_model_
         expected, got = ours(input_ids=ids).logits, theirs(input_ids=ids).logits.float()
     # Their forward runs in fp16, ours in fp32 from the same Ŵ: fp16 rounding over 2 layers.
     torch.testing.assert_close(got, expected, rtol=0, atol=0.01 * expected.abs().max().item())
+
+
+def test_merge_quantize_gptq_then_generate(make_model_dir, tmp_path, capsys):
+    """The recipe's last step through the real commands: merge.py --quantize gptq writes OUT-gptq next to
+    the merged model, and generate.py runs it, greedy output equal to our decode loop on load_gptq's model."""
+    import generate as generate_cli
+    import merge
+    from test_merge import make_adapter
+
+    base = make_model_dir("llama")
+    adapter = make_adapter(base, tmp_path / "adapter")
+    calibration = tmp_path / "calib.jsonl"
+    calibration.write_text("".join(json.dumps({"text": " ".join(facts()[i:i + 6])}) + "\n" for i in range(0, 60, 6)))
+    out = tmp_path / "merged"
+    merge.main(["--adapter", str(adapter), "--out", str(out), "--dtype", "fp32", "--no-gap", "--quantize", "gptq",
+                "--calibration", str(calibration), "--calibration-samples", "8", "--calibration-len", "32",
+                "--group-size", "32"])
+    assert gptq.is_gptq(out.with_name("merged-gptq")) and not gptq.is_gptq(out)
+    config = json.loads((out.with_name("merged-gptq") / "config.json").read_text())["quantization_config"]
+    assert {k: config[k] for k in ("bits", "group_size", "sym", "desc_act")} == dict(bits=4, group_size=32, sym=True,
+                                                                                  desc_act=False)
+    capsys.readouterr()
+    prompt = "The capital of France is"
+    generate_cli.main(["--model", str(out.with_name("merged-gptq")), "--raw", "--max-new-tokens", "8", prompt])
+    printed = capsys.readouterr().out
+    model = gptq.load_gptq(out.with_name("merged-gptq"), device="cpu", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out.with_name("merged-gptq"))
+    ids = generate(model, [tokenizer(prompt)["input_ids"]], 8, generate_cli.stop_ids(tokenizer, model)).tokens[0]
+    assert printed == tokenizer.decode(ids, skip_special_tokens=True) + "\n"

@@ -1,4 +1,6 @@
-"""LoRALinear and inject against PEFT, on tiny dense and NF4 models of every architecture.
+"""LoRALinear and inject against PEFT, on tiny dense and NF4 models of every architecture: the
+reference, lora/layer.py's formula through plain autograd, with no fast/ anywhere here
+(tests/test_fast.py holds the fast path equal to this reference).
 
 Tolerances. Our forward runs the same fp32 operations in the same order as PEFT's
 (`lora_B(lora_A(dropout(x))) * scaling`, cast, add), so logits and gradients should agree to

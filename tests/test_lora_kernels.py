@@ -1,5 +1,5 @@
-"""lora/kernels.py: the fused-dropout Triton kernels against the plain formulas, with the masks
-rebuilt here from the hash the module documents.
+"""fast/dropout_kernels.py: the fused-dropout Triton kernels against the plain formulas, with
+the masks rebuilt here from the hash the module documents.
 
 Without a GPU the kernels run in Triton's CPU interpreter (conftest.py turns it on), which
 executes the same kernel code with NumPy: block loops, masks and hashing included, so a wrong
@@ -9,9 +9,9 @@ index, offset or hash fails here. On a GPU they run for real.
 import pytest
 import torch
 
+import fast
 import lora
-from fast import dropout_kernels as kernels
-from fast import triton_support
+from fast import dropout_kernels as kernels, state
 from test_grad_ckpt import lora_grads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,7 +50,8 @@ def keep_scale(p):
 
 @pytest.fixture(autouse=True)
 def kernels_on_this_device(monkeypatch):
-    monkeypatch.setattr(triton_support, "available", lambda device: True)
+    # fast/state.py's switch on for every device: on the CPU, Triton's interpreter runs the kernels
+    monkeypatch.setattr(state, "kernels_on", lambda device: True)
 
 
 def rel_err(out, ref):
@@ -59,7 +60,7 @@ def rel_err(out, ref):
 
 # Rows and columns off the 64-blocks, a rank under 16 (padded for tl.dot) and one over it,
 # more rows than one backward program walks (1024), so several partial dA are summed; one
-# adapter, and two and three side by side (lora/siblings.py: member j's mask from seed + j).
+# adapter, and two and three side by side (fast/siblings.py: member j's mask from seed + j).
 @pytest.mark.parametrize("n,k,r,p", [(150, 96, 4, 0.3), (1100, 64, 24, 0.05), (7, 200, 16, 0.5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("members", [1, 2, 3])
@@ -104,13 +105,13 @@ def test_mask_statistics():
 
 
 def test_layer_with_fused_dropout_equals_plain_autograd():
-    # The whole LoRA layer through the kernels against autograd over the formula as written,
-    # dropout applied with the mask the layer's seed gives.
+    # The whole LoRA layer's fast forward through the kernels against autograd over the formula
+    # as written, dropout applied with the mask the layer's seed gives.
     torch.manual_seed(0)
     base = torch.nn.Linear(48, 40).to(DEVICE).requires_grad_(False)  # frozen, as inject leaves it
     layer = lora.LoRALinear(base, r=8, alpha=16, dropout=0.2)
     torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
-    layer.fused_dropout = True
+    fast.enable(layer, compile=False)  # the kernels: this module's fixture
     x = torch.randn(3, 11, 48, device=DEVICE, requires_grad=True)
     dy = torch.randn(3, 11, 40, device=DEVICE)
 
@@ -138,7 +139,7 @@ def test_checkpoint_recompute_regenerates_the_mask(offload, monkeypatch):
     calls = []
     forward = kernels.dropout_a_forward
     monkeypatch.setattr(kernels, "dropout_a_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
-    run = dict(dropout=0.1, fused_kernels=True, fused_dropout=True, device=DEVICE)
+    run = dict(dropout=0.1, use_fast=True, device=DEVICE)
     plain = lora_grads(offload=False, checkpointing=False, **run)
     ckpt = lora_grads(offload=offload, checkpointing=True, **run)
     assert calls and plain.keys() == ckpt.keys()

@@ -131,6 +131,20 @@ def test_dequantized_base_is_bit_equal_to_the_loaders(make_model_dir, tmp_path):
         assert torch.equal(ours, quant.dequantize(m)), name
 
 
+def test_without_train_config_the_base_was_qlora_default(make_model_dir, tmp_path):
+    """An adapter trained elsewhere (PEFT) has no train_config.json: its base is taken as QLoRA's
+    recipe loaded it, NF4 with double quantization and bf16 compute, lm_head dense."""
+    base = make_model_dir("llama")
+    adapter = make_adapter(base, tmp_path / "ad", train_config=False)
+    plan = merge.plan_merge(merge.parse_args(["--adapter", str(adapter), "--out", str(tmp_path / "m")]))
+    assert plan.trained == merge.Trained(quant="nf4", double_quant=True, dtype=torch.bfloat16)
+    model = quant.load_model(base, quant="nf4", compute_dtype=torch.bfloat16, device="cpu")
+    name = "model.layers.1.mlp.down_proj"
+    weight = load_file(base / "model.safetensors")[f"{name}.weight"]
+    assert torch.equal(merge.as_trained(weight, plan, name, torch.device("cpu")),
+                       quant.dequantize(model.get_submodule(name)))
+
+
 def test_original_equals_peft_merge_and_unload(make_model_dir, tmp_path):
     base = make_model_dir("llama")
     adapter = make_adapter(base, tmp_path / "ad", targets=["q_proj", "v_proj", "down_proj"])

@@ -4,10 +4,12 @@ References: `bitsandbytes.functional.quantize_4bit` for the stored numbers, tran
 `from_pretrained` (dense, and with its own bnb 4-bit quantizer) for the logits.
 """
 
+import copy
 import ctypes
 import gc
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 
@@ -15,9 +17,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from conftest import ARCHS
+import quant
 from quant import LinearExperts, checkpoint_key, dequantize, load_model, save_quantized
 from rawqlora.errors import BadInput
 from rawqlora.tiny import tiny_model
@@ -321,6 +325,9 @@ def test_bad_paths(tmp_path, make_model_dir):
     (only_bin / "model.safetensors").rename(only_bin / "pytorch_model.bin")
     with pytest.raises(BadInput, match="only PyTorch pickle weights"):
         load_model(only_bin)
+    (only_bin / "pytorch_model.bin").rename(only_bin / "consolidated.safetensors")  # Mistral's own format
+    with pytest.raises(BadInput, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_model(only_bin)
     with pytest.raises(BadInput, match="unknown quant 'int3'"):
         load_model(make_model_dir("llama"), quant="int3")
 
@@ -334,12 +341,109 @@ def test_unsupported_architectures(tmp_path):
         assert not list((tmp_path / d).glob("*.safetensors"))  # config is checked, not weights
 
 
+def test_legacy_rotary_buffers_in_the_checkpoint_are_skipped(make_model_dir, tmp_path):
+    """Early Llama conversions store each layer's rotary `inv_freq`, which transformers now computes."""
+    path = copy_of(make_model_dir("llama"), tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # wrong values: must not be read
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(logits(load_model(path, quant=None, compute_dtype=F32)),
+                       logits(load_model(make_model_dir("llama"), quant=None, compute_dtype=F32)))
+
+
+def test_prequantized_statistics_without_packed_data(make_model_dir, tmp_path):
+    save_quantized(load_model(make_model_dir("llama"), compute_dtype=F32), tmp_path / "saved")
+    tensors = load_file(tmp_path / "saved" / "model.safetensors")
+    del tensors["model.layers.0.self_attn.q_proj.weight"]  # its absmax, quant_map, ... stay
+    save_file(tensors, tmp_path / "saved" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(BadInput, match="no weights for 1 parameters .*q_proj.weight.*does not match"):
+        load_model(tmp_path / "saved", compute_dtype=F32)
+
+
 def test_checkpoint_not_matching_config(make_model_dir, tmp_path):
     path = copy_of(make_model_dir("llama"), tmp_path)
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "hidden_size": 32}))
     with pytest.raises(BadInput, match="config.json implies"):
         load_model(path)
+
+
+# ---------------------------------------------------------------- writing model directories (quant/model_dir.py)
+
+
+def test_shard_writer_layout_is_transformers_own(sharded_dir, tokenizer, tmp_path):
+    """What the ShardWriter writes, transformers loads with nothing missing; the index lists the
+    same tensors and the same total size as transformers' own save_pretrained of the same model."""
+    model = tiny_model("llama", len(tokenizer), seed=1)
+    out = tmp_path / "m"
+    quant.write_model(model, out, model.config, max_shard_bytes=40_000)
+    ours = json.loads((out / quant.INDEX).read_text())
+    theirs = json.loads((sharded_dir / quant.INDEX).read_text())
+    assert ours["weight_map"].keys() == theirs["weight_map"].keys()
+    assert ours["metadata"]["total_size"] == theirs["metadata"]["total_size"]
+    files = sorted(set(ours["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(p.name for p in out.glob("*.safetensors"))
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, dtype=F32, output_loading_info=True)
+    assert not any(info.values()), info
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def snapshot(path):
+    """A directory's files and contents, or None when it does not exist."""
+    return {f.name: f.read_text() for f in path.iterdir()} if path.exists() else None
+
+
+def test_staged_dir_is_the_old_directory_or_the_new_one_never_a_mix(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt").write_text("old a")
+    (out / "stale.txt").write_text("old only")
+    old = snapshot(out)
+
+    with pytest.raises(BadInput, match="already exists and is not empty.*overwrite=True"):
+        with quant.staged_dir(out):
+            pass
+    with pytest.raises(RuntimeError):  # a failure while writing: the old directory stays as it was
+        with quant.staged_dir(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new a")
+            raise RuntimeError("killed mid-write")
+    assert snapshot(out) == old and os.listdir(tmp_path) == ["out"]
+
+    seen = []  # what a reader finds at `out` around every rename of the swap
+    real_replace = os.replace
+
+    def watched_replace(src, dst):
+        seen.append(snapshot(out))
+        real_replace(src, dst)
+        seen.append(snapshot(out))
+
+    monkeypatch.setattr(os, "replace", watched_replace)
+    with quant.staged_dir(out, overwrite=True) as tmp:
+        (tmp / "a.txt").write_text("new a")
+        (tmp / "b.txt").write_text("new b")
+    new = {"a.txt": "new a", "b.txt": "new b"}
+    assert snapshot(out) == new and os.listdir(tmp_path) == ["out"]
+    assert seen and all(s in (old, None, new) for s in seen), seen
+
+
+def test_write_text_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    quant.write_text_atomic(path, "old\n")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        quant.write_text_atomic(path, "new\n")
+    assert path.read_text() == "old\n" and os.listdir(tmp_path) == [path.name]
+
+
+def test_load_tokenizer_pads_with_eos_and_fails_in_one_line(tokenizer, tmp_path):
+    unpadded = copy.deepcopy(tokenizer)
+    unpadded.pad_token = None
+    unpadded.save_pretrained(tmp_path / "tok")
+    assert quant.load_tokenizer(tmp_path / "tok").pad_token == tokenizer.eos_token
+    (tmp_path / "none").mkdir()
+    with pytest.raises(BadInput, match="cannot load a tokenizer from .*none") as e:
+        quant.load_tokenizer(tmp_path / "none")
+    assert "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------- memory

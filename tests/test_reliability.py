@@ -29,9 +29,11 @@ import merge
 import quant
 import train
 from rawqlora import cli
-from training import checkpoint
+from training import data
 from rawqlora.errors import BadInput
 from rawqlora.tiny import tiny_model, train_tokenizer
+from training import checkpoint
+from training.auto_batch import auto_batch_size, longest_rows_probe
 
 torch.set_num_threads(1)  # tiny forwards on a busy 2-core machine: much faster single-threaded
 
@@ -138,7 +140,9 @@ BAD_INPUTS = [
     ("data-all-masked", "", "train", T + " --max-len 2", "all labels masked"),
     ("data-inside-overwritten-out", "", "train", T.replace("{data}", "{old}/keep.jsonl"), "--overwrite would delete"),
     # train.py: flags
-    ("flag-unknown", "", "train", T + " --bogus 1", "unrecognized arguments: --bogus"),
+    ("flag-unknown", "", "train", T + " --bogus 1", "unknown option --bogus"),
+    ("flag-tutorial-name", "", "train", T + " --learning-rate 1e-4", "TrainingArguments' name; rawqlora's is --lr"),
+    ("flag-bad-every", "", "train", T + " --save-every weekly", "or 'epoch'"),
     ("flag-bad-int", "", "train", T + " --lora-r abc", "invalid int value"),
     ("flag-bad-choice", "", "train", T + " --quant nf3", "invalid choice"),
     ("flag-r-zero", "", "train", T + " --lora-r 0", "--lora-r must be > 0"),
@@ -146,7 +150,7 @@ BAD_INPUTS = [
     ("flag-lr-nan", "", "train", T + " --lr nan", "--lr and --epochs must be > 0"),
     ("targets-match-nothing", "", "train", T + " --targets nope_proj", "match no module"),
     ("targets-regex-nothing", "", "train", T + " --targets .*nope.*", "fully matches no module"),
-    ("auto-batch-on-cpu", "", "train", T + " --auto-batch", "needs CUDA"),
+    ("auto-batch-on-cpu", "", "train", T + " --auto-batch", "--auto-batch needs a CUDA GPU"),
     ("flex-on-cpu", "", "train", T + " --attention flex_attention", "needs a CUDA GPU"),
     ("mlp-chunk-negative", "", "train", T + " --mlp-chunk -1", "--mlp-chunk must be >= 0"),
     ("mlp-chunk-without-ckpt", "", "train", T + " --mlp-chunk 64 --no-grad-ckpt", "goes with --grad-ckpt"),
@@ -166,7 +170,7 @@ BAD_INPUTS = [
     ("merge-bad-size", "", "merge", MERGE + " --max-shard-size 5XB", "--max-shard-size"),
     ("merge-unknown-flag", "", "merge", MERGE + " --bogus", "unrecognized arguments"),
     # generate.py (writes nothing; {old} must still be untouched)
-    ("generate-model-missing", "", "generate", "--model {bad}/nope hi", "no such directory"),
+    ("generate-model-missing", "", "generate", "--model {bad}/nope hi", "does not exist"),
     ("generate-not-a-model-dir", "", "generate", "--model {bad}/notmodel hi", "has no config.json"),
     ("generate-other-arch", "", "generate", "--model {moe} --adapter {adapter} hi", "does not fit"),
     ("generate-other-shapes", "", "generate", "--model {narrow} --adapter {adapter} hi", "another base model"),
@@ -174,7 +178,7 @@ BAD_INPUTS = [
     ("generate-bad-value", "", "generate", "--model {model} --top-p 2 hi", "--top-p must be in"),
     # true subprocesses, one per tool (last: they run while the rows above do)
     ("data-malformed-line", "proc", "train", T.replace("{data}", "{bad}/malformed.jsonl"), "line 3: malformed JSON"),
-    ("merge-inf-adapter", "proc", "merge", MERGE.replace("{adapter}", "{inf_adapter}"), "not finite"),
+    ("merge-inf-adapter", "proc", "merge", MERGE.replace("{adapter}", "{inf_adapter}"), "NaN/inf"),
     ("generate-truncated-model", "proc", "generate", "--model {bad}/truncated hi", "truncated or corrupted"),
 ]
 
@@ -434,7 +438,7 @@ def test_auto_batch_search(batch, accum, limit, expected):
         if n > limit:
             raise torch.cuda.OutOfMemoryError(f"fake OOM at {n}")
 
-    assert train.auto_batch_size(probe, batch, accum) == expected
+    assert auto_batch_size(probe, batch, accum) == expected
     assert len(tried) <= 2 * batch.bit_length()  # halving then bisection, not every size
     assert expected[2] in tried and (expected[2] == batch or expected[2] + 1 in tried)  # the largest: one more failed
 
@@ -444,7 +448,7 @@ def test_auto_batch_nothing_fits():
         raise torch.cuda.OutOfMemoryError("fake")
 
     with pytest.raises(BadInput, match="even one sample"):
-        train.auto_batch_size(probe, 8, 1)
+        auto_batch_size(probe, 8, 1)
 
 
 def test_probe_batch_leaves_no_trace(make_model_dir, tokenizer):
@@ -455,7 +459,9 @@ def test_probe_batch_leaves_no_trace(make_model_dir, tokenizer):
     rows = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 9, 7)]
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    train.probe_batch(model, rows, train.data.collate, tokenizer.pad_token_id, torch.device("cpu"),
-                      torch.autocast("cpu", enabled=False), 2)
+    step = lambda batch: train.optimizer_step_grads(model, [batch], torch.autocast("cpu", enabled=False), 1.0)
+    probe = longest_rows_probe(step, model, rows, lambda r: data.collate(r, tokenizer.pad_token_id),
+                               torch.device("cpu"))
+    probe(2)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())

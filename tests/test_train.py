@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import lora
 import quant
 import train
-from rawqlora import data
+from training import data
 from rawqlora.tiny import train_tokenizer
 
 REPO = Path(train.__file__).resolve().parent
@@ -156,7 +156,8 @@ def test_added_chat_tokens_train_only_new_rows(tmp_path):
     ('{"quant": "nf3"}', "--quant: 'nf3' is not one of"),
     ('{"lr": "fast"}', "--lr: expected float"),
     ('{"packing": "yes"}', "--packing: expected true or false"),
-    ('{"lora_rank": 8}', "unknown option(s) lora_rank"),
+    ('{"lora_rnk": 8}', "unknown option --lora-rnk"),
+    ('{"learning_rate": 1e-4}', "--learning-rate is TrainingArguments' name; rawqlora's is --lr"),
     ("[1, 2]", "expected a mapping"),
 ])
 def test_config_file_values_are_checked_like_flags(tmp_path, content, message):
@@ -174,3 +175,31 @@ def test_config_file_values_are_typed_and_flags_win(tmp_path):
     path.write_text("lr: '5e-4'\nlora-r: 8\npacking: true\n")
     cfg = train.parse_config(["--config", str(path), "--lora-r", "32"])
     assert cfg.lr == 5e-4 and cfg.packing is True and cfg.lora_r == 32
+
+
+def test_tutorial_settings_translate(tmp_path):
+    """TrainingArguments' spellings are ours: optimizer and schedule names, warmup_ratio."""
+    cfg = train.parse_config(["--optim", "paged_adamw_32bit", "--schedule", "constant_with_warmup"])
+    assert (cfg.optim, cfg.schedule) == ("paged_adamw", "constant")
+    assert train.parse_config(["--optim", "adamw_torch"]).optim == "adamw"  # ours equals torch's (test_optim.py)
+    summary = run(tmp_path, "--max-steps", "20", "--warmup-ratio", "0.1", "--eval-every", "0", "--max-len", "64",
+                  "--lr", "1e-3")
+    saved = json.loads((Path(summary["out"]) / "train_config.json").read_text())
+    assert saved["resolved"]["warmup_steps"] == 2  # ceil(0.1 * 20)
+    lrs = [m["lr"] for m in metrics(summary["out"]) if "lr" in m]
+    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3])  # linear warmup over two steps, then constant
+
+
+def test_eval_and_save_at_each_epoch_end(tmp_path):
+    rows = DEFAULT_DATA.read_text().splitlines()[:40]
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(rows) + "\n")
+    cfg = train.parse_config(["--model", str(DEFAULT_MODEL), "--data", str(small), "--out", str(tmp_path / "out"),
+                              "--epochs", "2", "--batch-size", "4", "--grad-accum", "2", "--save-every", "epoch",
+                              "--eval-every", "epoch", "--keep-last", "0", "--max-len", "64"])
+    summary = train.train(cfg)
+    per_epoch = json.loads((tmp_path / "out" / "train_config.json").read_text())["resolved"]["steps_per_epoch"]
+    assert summary["steps"] == 2 * per_epoch
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == \
+        sorted(f"step-{s}" for s in (per_epoch, 2 * per_epoch))
+    assert [m["step"] for m in metrics(tmp_path / "out") if "eval_loss" in m] == [0, per_epoch, 2 * per_epoch]

@@ -16,38 +16,15 @@ and numbers, never arbitrary pickled code.
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from quant import TMP_PREFIX, remove_dir, swap_in
 from rawqlora.errors import BadInput
 
 STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
-
-
-def _fsync_dir_tree(path):
-    for file in Path(path).iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _fsync_dir(path):
-    """Make a rename inside `path` durable (POSIX: the directory entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path):
-    """Delete a checkpoint directory atomically from the reader's view: rename, then delete."""
-    doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")
-    os.replace(path, doomed)
-    shutil.rmtree(doomed)
 
 
 def save(ckpt_root, step, write_adapter, optimizer, trainer_state, keep_last=None):
@@ -71,19 +48,15 @@ def save(ckpt_root, step, write_adapter, optimizer, trainer_state, keep_last=Non
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        _fsync_dir_tree(tmp)
     except OSError as e:  # a full disk, a quota: the previous checkpoints are untouched
         shutil.rmtree(tmp, ignore_errors=True)
         previous = complete(ckpt_root)
         raise BadInput(f"cannot write checkpoint {final} ({e}); the newest complete checkpoint is "
                        f"{previous[-1] if previous else 'none'}: free space, then --resume") from None
-    if final.exists():  # re-saving the same step (e.g. the final step after a periodic save)
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    swap_in(tmp, final, overwrite=True)  # overwrite: re-saving a step (the final one after a periodic save)
     if keep_last:
         for old in complete(ckpt_root)[:-keep_last]:
-            _remove(old)
+            remove_dir(old)
     return final
 
 

@@ -85,3 +85,9 @@ def all_reduce_grads(params):
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def say(*args, **kwargs):
+    """print, on rank 0 only: N ranks would print the same lines N times."""
+    if is_main():
+        print(*args, **kwargs)

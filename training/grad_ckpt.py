@@ -20,6 +20,10 @@ Two refinements: at long sequences a layer's MLP can also be recomputed token ch
 chunk (`ChunkedMLP`, `mlp_chunk`), so its wide intermediates never exist for the whole
 sequence; and a recompute runs inside `recomputing()`, which lets a layer skip work whose
 only use is the (never read) layer output.
+
+Not every layer need be checkpointed: `enable(..., checkpointed=...)` and `set_checkpointed`
+choose which; the others run plainly and keep their activations (--grad-ckpt auto picks them
+under a memory budget: training/memory_plan.py).
 """
 
 import contextlib
@@ -46,7 +50,7 @@ def recomputing():
 def is_recomputing():
     """True inside a layer's recompute. There the layer's output is never read (backward
     needs only the saved tensors), so a layer may skip work whose only use is that output:
-    rawqlora/fused.py skips the MLP's last projection."""
+    fast/patch.py skips the MLP's last projection."""
     return _recomputing
 
 
@@ -192,25 +196,32 @@ class ChunkedMLP(torch.autograd.Function):
         return (dx, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
-def chunk_mlp(mlp, chunk):
-    """Route `mlp`'s training forward through ChunkedMLP when a batch holds more than `chunk` tokens."""
+def chunk_mlp(mlp, chunk, when=lambda: True):
+    """Route `mlp`'s training forward through ChunkedMLP when a batch holds more than `chunk`
+    tokens and `when()` holds (enable passes "my layer is checkpointed")."""
     plain = mlp.forward
 
     @functools.wraps(plain)
     def forward(x):
-        if not mlp.training or x[..., 0].numel() <= chunk:
+        if not mlp.training or x[..., 0].numel() <= chunk or not when():
             return plain(x)
         return ChunkedMLP.apply(x, plain, chunk, *[p for p in mlp.parameters() if p.requires_grad])
 
     mlp.forward = forward
 
 
-def enable(layers, offload=False, mlp_chunk=0):
+def enable(layers, offload=False, mlp_chunk=0, checkpointed=None):
     """Wrap each layer's forward in a checkpoint while the layer is in training mode.
 
     The module itself is untouched (same names, same state dict): only its bound
-    `forward` is replaced, so adapters and checkpoints are unaffected. `mlp_chunk` > 0
-    also runs each layer's `mlp` through ChunkedMLP, `mlp_chunk` tokens at a time.
+    `forward` is replaced, so adapters and checkpoints are unaffected. `checkpointed` is the
+    set of layer indices to checkpoint (None: all); the other layers run plainly and keep their
+    activations for backward, and `set_checkpointed` changes the set later. `offload` parks
+    checkpointed layers' inputs in host memory; `mlp_chunk` > 0 runs checkpointed layers'
+    `mlp` through ChunkedMLP, `mlp_chunk` tokens at a time. Both apply to checkpointed layers
+    only: offloading moves a checkpointed layer's one kept tensor, its input, where a layer
+    that keeps its activations holds dozens on the GPU; and a chunked MLP is a recompute, the
+    very cost such a layer is kept to avoid.
     """
     parking = None
     if offload:
@@ -218,13 +229,14 @@ def enable(layers, offload=False, mlp_chunk=0):
     for index, layer in enumerate(layers):
         if getattr(layer, "_plain_forward", None) is not None:
             continue  # already enabled
+        layer._checkpointed = checkpointed is None or index in checkpointed
         if mlp_chunk > 0:
-            chunk_mlp(layer.mlp, mlp_chunk)
+            chunk_mlp(layer.mlp, mlp_chunk, when=lambda _layer=layer: _layer._checkpointed)
         layer._plain_forward = layer.forward
 
         @functools.wraps(layer._plain_forward)
         def forward(hidden_states, *args, _layer=layer, _index=index, **kwargs):
-            if not _layer.training:
+            if not _layer.training or not _layer._checkpointed:
                 return _layer._plain_forward(hidden_states, *args, **kwargs)
             if parking is not None:
                 params = [p for p in _layer.parameters() if p.requires_grad]
@@ -234,3 +246,18 @@ def enable(layers, offload=False, mlp_chunk=0):
                               context_fn=lambda: (contextlib.nullcontext(), recomputing()), **kwargs)
 
         layer.forward = forward
+
+
+def set_checkpointed(layers, checkpointed):
+    """Checkpoint the layers whose indices are in `checkpointed` (None: all) from the next
+    forward on; the others keep their activations. The layers must have been through `enable`.
+    Call it between steps: a chunked MLP reads the setting again in its backward."""
+    for index, layer in enumerate(layers):
+        if getattr(layer, "_plain_forward", None) is None:
+            raise ValueError(f"layer {index} was never passed to grad_ckpt.enable")
+        layer._checkpointed = checkpointed is None or index in checkpointed
+
+
+def checkpointed_indices(layers):
+    """The indices of the layers that are checkpointed now."""
+    return {i for i, layer in enumerate(layers) if getattr(layer, "_checkpointed", False)}

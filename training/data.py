@@ -35,12 +35,18 @@ import torch
 
 from rawqlora.errors import BadInput
 from training.loss import IGNORE_INDEX
-from rawqlora.tiny import CHATML_TEMPLATE
 
 IGNORE = IGNORE_INDEX  # the label that gets no loss (rawqlora/loss.py skips it)
 FORMATS = ("chat", "alpaca", "prompt-response", "text")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
+# ChatML, the template most chat models use; rendered by the tokenizer's Jinja engine.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Roles as written in the data -> roles the chat template knows (ShareGPT says human/gpt);
 # --roles adds more (parse_roles).
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}

@@ -1,0 +1,171 @@
+"""`enable(model)`: the fast path, installed beside the reference. The only file in fast/ that
+names model classes.
+
+Each module keeps its class, parameters and state dict; only its bound `forward` is swapped
+(an instance attribute), and each fast forward hands back to the module's own one at inference
+(eval mode without gradients, `state.is_inference`), so generation runs the model as written:
+
+    LoRALinear (lora/layer.py)       -> fast/lora_function.py `FastLoRAForward`: one autograd
+                                        function per layer (or, below, per group of siblings)
+    RMSNorm      FUSABLE_NORMS       -> fast/ops.py `RMSNormFunction`
+    SwiGLU MLP   FUSABLE_MLPS        -> gate/up together (fast/siblings.py), `SwiGLUFunction`,
+                                        and in a checkpoint's recompute down_proj without its GEMM
+    attention    FUSABLE_ATTENTIONS  -> q/k/v together, rotary through `RotaryFunction`
+
+Only the classes whose math is exactly fast/ops.py's formulas are swapped; others, such as
+Gemma's (1 + w) norm, keep their own forward. `state.use_kernels(compile)` decides whether the
+fast forwards run Triton kernels and torch.compile's fusions on CUDA (fast/state.py).
+"""
+
+import contextvars
+import sys
+
+import fast.state as state
+from fast.lora_function import FastLoRAForward
+from fast.ops import RMSNormFunction, RotaryFunction, SwiGLUFunction
+from fast.siblings import run_together
+from lora.layer import LoRALinear
+from training.grad_ckpt import is_recomputing
+
+# RMSNorm classes whose forward is `w * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`.
+FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
+# MLP classes of the form `down_proj(act(gate_proj(x)) * up_proj(x))` (act checked to be SiLU)
+# whose decoder layers add the MLP's output straight into the residual stream.
+FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+# Attention classes whose forward calls their modeling module's global
+# `apply_rotary_pos_emb(q, k, cos, sin)`, written as fast/ops.py's Rotary formula.
+FUSABLE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "MixtralAttention", "Qwen2Attention")
+# Projections that read the same input as their siblings (attention's q/k/v; the SwiGLU
+# gate/up, Mixtral's w1/w3): with torch's dropout, their backward keeps that input once.
+SHARED_INPUT_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3"}
+
+
+def fast_lora(module):
+    """The FastLoRAForward that `enable` set on `module`, or None (not a LoRA layer, or LoRA came after)."""
+    forward = vars(module).get("forward")
+    return forward if isinstance(forward, FastLoRAForward) else None
+
+
+def _swapped(module):
+    """`enable` has already given `module` its fast forward."""
+    return getattr(vars(module).get("forward"), "rawqlora_fast", False)
+
+
+def _fast_forward(forward):
+    forward.rawqlora_fast = True
+    return forward
+
+
+def _fused_norm_forward(norm):
+    plain = norm.forward
+
+    def forward(hidden_states):
+        if state.is_inference(norm):
+            return plain(hidden_states)
+        return RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
+
+    return _fast_forward(forward)
+
+
+def _fused_mlp_forward(mlp):
+    plain = mlp.forward
+
+    def forward(x):
+        if state.is_inference(mlp):
+            return plain(x)
+        pair = (mlp.gate_proj, mlp.up_proj)
+        gate_up = run_together(pair, x) if all(map(fast_lora, pair)) else None
+        h = SwiGLUFunction.apply(*(gate_up or (mlp.gate_proj(x), mlp.up_proj(x))))
+        if is_recomputing() and fast_lora(mlp.down_proj):
+            # In these decoder layers the MLP's output only feeds the residual add, which is
+            # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
+            # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
+            return mlp.down_proj(h, output_needed=False)
+        return mlp.down_proj(h)
+
+    return _fast_forward(forward)
+
+
+# Rotary embedding is a module-level function that the attention forward looks up by name, so
+# the fused one goes in there: once per modeling module, as a dispatcher that runs
+# transformers' own function unless a fused attention's forward is on the stack (this flag).
+# Every other model, and inference, keeps the plain function.
+_rotary_fused_here = contextvars.ContextVar("rotary_fused_here", default=False)
+
+
+def _install_rotary_dispatch(modeling):
+    plain = modeling.apply_rotary_pos_emb
+    if getattr(plain, "rawqlora_plain", None) is not None:
+        return
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if not _rotary_fused_here.get():
+            return plain(q, k, cos, sin, unsqueeze_dim)
+        return RotaryFunction.apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
+
+    apply_rotary_pos_emb.rawqlora_plain = plain
+    modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def _fused_attention_forward(attention):
+    plain = attention.forward
+    _install_rotary_dispatch(sys.modules[type(attention).__module__])
+
+    def forward(*args, **kwargs):
+        if state.is_inference(attention):
+            return plain(*args, **kwargs)
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        fast = [fast_lora(p) for p in projections]
+        # q, k and v as one (fast/siblings.py): the attention then calls each projection on
+        # this same hidden_states, and each hands back its share (FastLoRAForward.precomputed).
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        outputs = run_together(projections, x) if all(fast) else None
+        for forward_of, y in zip(fast, outputs or ()):
+            forward_of.precomputed = (x, y)
+        token = _rotary_fused_here.set(True)
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            _rotary_fused_here.reset(token)
+            for forward_of in fast if outputs is not None else ():
+                forward_of.precomputed = None  # never kept past this call, taken or not
+
+    return _fast_forward(forward)
+
+
+def is_swiglu_mlp(module):
+    """`down(silu(gate(x)) * up(x))` in a decoder layer whose MLP output only feeds the residual
+    add. Named classes only: a look-alike elsewhere (OLMo-2 normalises the MLP's output, so its
+    backward reads it) must keep its own forward, or the recompute shortcut would be wrong."""
+    return (type(module).__name__ in FUSABLE_MLPS
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
+
+
+def enable(model, compile=True):
+    """Install the fast path on `model`, after LoRA went on (lora.inject / load_adapter) and
+    before gradient checkpointing (training.grad_ckpt.enable wraps the forwards set here).
+
+    Every LoRALinear trains through fast/lora_function.py (q/k/v and gate/up as one function
+    where their dropout allows, fast/siblings.py); every fusable RMSNorm, SwiGLU MLP and
+    attention's rotary embedding through fast/ops.py. `compile` sets fast/state.py's one switch:
+    True runs the Triton kernels and torch.compile's fusions on CUDA (LoRA dropout then draws
+    hash masks, not torch's); False keeps every fast function eager, with torch's dropout.
+    Returns how many modules' forwards were swapped, LoRA layers included; a second call swaps none.
+    """
+    state.use_kernels(compile)
+    swapped = 0
+    for name, module in model.named_modules():
+        if _swapped(module):
+            continue
+        if isinstance(module, LoRALinear):
+            module.forward = FastLoRAForward(module, name.rsplit(".", 1)[-1] in SHARED_INPUT_NAMES)
+        elif type(module).__name__ in FUSABLE_NORMS:
+            module.forward = _fused_norm_forward(module)
+        elif is_swiglu_mlp(module):
+            module.forward = _fused_mlp_forward(module)
+        elif type(module).__name__ in FUSABLE_ATTENTIONS:
+            module.forward = _fused_attention_forward(module)
+        else:
+            continue
+        swapped += 1
+    return swapped
