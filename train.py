@@ -86,7 +86,13 @@ class TrainConfig:
     grad_accum: int = 4  # micro-batches per optimizer step: effective batch = batch_size * grad_accum
     epochs: float = 1.0  # passes over the training data (fractions allowed)
     max_steps: int = -1  # optimizer steps; overrides epochs when > 0
-    grad_ckpt: bool = True  # recompute each decoder layer in backward: activations dominate QLoRA memory
+    # auto|on|off. on: recompute every decoder layer in backward (activations, not the 4-bit weights,
+    # dominate QLoRA memory; the recompute is about a quarter of the step's arithmetic). auto: on CUDA,
+    # recompute only as many layers as --memory-budget needs, measured in one probe step before training
+    # (training/memory_plan.py); on the CPU it means on: no free-memory figure to plan against (host
+    # memory is shared, and running out of it swaps or kills rather than raising).
+    grad_ckpt: str = "auto"
+    memory_budget: float = 0.0  # GiB of GPU memory --grad-ckpt auto plans for; 0: all that is free once the model is loaded
     offload_activations: bool = False  # park checkpointed layer inputs in host memory (7B, 16k tokens: -3.5 GiB GPU; copies overlap compute, ~0.3% slower)
     mlp_chunk: int = 0  # >0: run each MLP this many tokens at a time, recomputed per chunk (very long sequences; costs one more MLP forward)
     attention: str = "sdpa"  # sdpa|flex_attention|eager; flex (CUDA) never builds a seq x seq mask, which sdpa needs past a sliding window (Mistral: 4096)
@@ -117,6 +123,8 @@ class TrainConfig:
 
 # TrainingArguments' spellings of our choices (tutorials' settings work as written).
 ALIASES = {"optim": {"paged_adamw_32bit": "paged_adamw", "adamw_torch": "adamw"},
+           # grad_ckpt was a bool: configs and train_config.json files written then (YAML reads on/off as booleans too)
+           "grad_ckpt": {"True": "on", "False": "off"},
            "schedule": {"constant_with_warmup": "constant"}}
 CHOICES = {
     "format": ["auto", "chat", "alpaca", "prompt-response", "text"],
@@ -126,6 +134,7 @@ CHOICES = {
     "schedule": ["constant", "linear", "cosine", *ALIASES["schedule"]],
     "device": ["auto", "cpu", "cuda"],
     "attention": ["sdpa", "flex_attention", "eager"],
+    "grad_ckpt": ["auto", "on", "off", *ALIASES["grad_ckpt"]],
 }
 
 
@@ -170,8 +179,11 @@ def validate(cfg):
         if value != "epoch" and not (value.isdigit()):
             raise BadInput(f"--{name.replace('_', '-')} takes a number of steps (0: only at the end) or 'epoch', "
                            f"got {value!r}")
-    if cfg.mlp_chunk < 0 or (cfg.mlp_chunk and not cfg.grad_ckpt):
+    if cfg.mlp_chunk < 0 or (cfg.mlp_chunk and cfg.grad_ckpt == "off"):
         raise BadInput(f"--mlp-chunk must be >= 0 and goes with --grad-ckpt (it chunks the checkpointed MLPs), got {cfg.mlp_chunk}")
+    if not 0 <= cfg.memory_budget < math.inf or (cfg.memory_budget and cfg.grad_ckpt != "auto"):
+        raise BadInput(f"--memory-budget is GiB for --grad-ckpt auto (0: the free GPU memory), got {cfg.memory_budget} "
+                       f"with --grad-ckpt {cfg.grad_ckpt}")
     if cfg.resume and cfg.overwrite:
         raise BadInput("--resume and --overwrite contradict each other: pick one")
 
@@ -187,7 +199,7 @@ from tqdm.auto import tqdm  # noqa: E402
 import fast  # noqa: E402
 import lora  # noqa: E402
 import quant  # noqa: E402
-from training import checkpoint, data, distributed, grad_ckpt  # noqa: E402
+from training import checkpoint, data, distributed, grad_ckpt, memory_plan  # noqa: E402
 from training.auto_batch import auto_batch_size, longest_rows_probe  # noqa: E402
 from training.distributed import say  # noqa: E402
 from training.loss import IGNORE_INDEX, causal_lm_loss  # noqa: E402
@@ -235,7 +247,7 @@ def build_model(cfg, tokenizer, added_tokens, device, resume_from=None):
                                            cfg.train_embeddings)
     if cfg.fast:
         fast.enable(model)
-    if cfg.grad_ckpt:
+    if cfg.grad_ckpt != "off":  # auto: every layer checkpointed until train() plans
         grad_ckpt.enable(model.get_decoder().layers, offload=cfg.offload_activations, mlp_chunk=cfg.mlp_chunk)
     return model, wrapped, modules_to_save
 
@@ -349,12 +361,23 @@ def train(cfg):
     def batch_of(samples):
         return to_device(collate(samples, tokenizer.pad_token_id), device)
 
+    # One forward and backward of the n longest rows, random state forked, gradients dropped.
+    probe = longest_rows_probe(lambda b: optimizer_step_grads(model, [b], autocast, 1.0), model, rows, batch_of, device)
     if cfg.auto_batch and not resume_from:  # a resumed run keeps the sizes its train_config.json recorded
-        probe = longest_rows_probe(lambda b: optimizer_step_grads(model, [b], autocast, 1.0), model, rows,
-                                   batch_of, device)
         cfg.batch_size, cfg.grad_accum, largest = auto_batch_size(probe, cfg.batch_size, cfg.grad_accum)
         say(f"--auto-batch: a micro-batch of {largest} of the longest samples fits; using --batch-size "
             f"{cfg.batch_size} --grad-accum {cfg.grad_accum} (effective batch {cfg.batch_size * cfg.grad_accum})")
+    # --grad-ckpt auto: a probe step of the longest micro-batch measures the full-checkpointing peak
+    # and one layer's activations; the last layers that fit the budget then keep theirs
+    # (training/memory_plan.py). It runs after --auto-batch, which sized the micro-batch with every
+    # layer checkpointed, and spends what that leaves. Gradients do not depend on the plan.
+    plan = None
+    if cfg.grad_ckpt == "auto" and device.type == "cuda":
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        plan = memory_plan.apply(model.get_decoder().layers, lambda: probe(cfg.batch_size),
+                                 budget=int(cfg.memory_budget * 2**30), offload=cfg.offload_activations,
+                                 unseen=memory_plan.unseen_bytes(trainable, cfg.optim, cfg.grad_accum))
+        say(plan.summary())
 
     # Global micro-batches of world x batch_size: the very list a single process with that batch
     # size would build, so N ranks see the same samples per step as one process does. Rank r
@@ -387,7 +410,8 @@ def train(cfg):
         scaler.load_state_dict(state["loss_scaler"])
         say(f"resumed from {resume_from} (step {step} of {total_steps})")
     cfg.resolved = dict(total_steps=total_steps, warmup_steps=warmup, steps_per_epoch=steps_per_epoch,
-                        lora_modules=wrapped, modules_to_save=modules_to_save, data=data_stats)
+                        lora_modules=wrapped, modules_to_save=modules_to_save, data=data_stats,
+                        memory_plan=plan and plan.as_dict())
     if main:
         quant.write_text_atomic(out / "train_config.json", json.dumps(dataclasses.asdict(cfg), indent=2))
         if added_tokens:
@@ -568,8 +592,10 @@ def main(argv):
 def oom_message(cfg):
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
-    ckpt = ("; gradient checkpointing is already on" if cfg.grad_ckpt
-            else ", or turn on gradient checkpointing (--grad-ckpt: recomputes activations instead of storing them)")
+    ckpt = {"on": "; gradient checkpointing is already on",
+            "auto": ", or --memory-budget below the GPU's memory (--grad-ckpt auto then recomputes more layers)",
+            "off": ", or turn on gradient checkpointing (--grad-ckpt auto or on: recomputes activations instead of "
+                   "storing them)"}[cfg.grad_ckpt]
     return (f"CUDA out of memory (peak {peak:.1f} GiB allocated of {total:.1f} GiB): lower --batch-size "
             f"(now {cfg.batch_size}; --auto-batch finds the largest that fits, keeping the effective batch) "
             f"or --max-len (now {cfg.max_len}){ckpt}")

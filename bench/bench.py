@@ -213,11 +213,14 @@ def worker(args):
         result["max_seq_24gib"] = longest_sequence(model, args.system, steps, args.max_seq_from, lengths)
     else:
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_accumulated_memory_stats()  # alloc_retries below: the timed steps' only
         times = steps(model, args.seq, args.batch, args.warmup + args.steps)[args.warmup :]
         step_s = statistics.median(times)
         result.update(step_s=step_s, tok_s=args.seq * args.batch / step_s,
                       peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+                      peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30,
+                      # > 0: the allocator ran out of cached blocks, freed them all and retried (a sync, slow)
+                      alloc_retries=torch.cuda.memory_stats().get("num_alloc_retries", 0))
         if args.profile:
             profile(steps, model, args)
     print("RESULT " + json.dumps(result), flush=True)

@@ -153,7 +153,7 @@ BAD_INPUTS = [
     ("auto-batch-on-cpu", "", "train", T + " --auto-batch", "--auto-batch needs a CUDA GPU"),
     ("flex-on-cpu", "", "train", T + " --attention flex_attention", "needs a CUDA GPU"),
     ("mlp-chunk-negative", "", "train", T + " --mlp-chunk -1", "--mlp-chunk must be >= 0"),
-    ("mlp-chunk-without-ckpt", "", "train", T + " --mlp-chunk 64 --no-grad-ckpt", "goes with --grad-ckpt"),
+    ("mlp-chunk-without-ckpt", "", "train", T + " --mlp-chunk 64 --grad-ckpt off", "goes with --grad-ckpt"),
     ("resume-and-overwrite", "", "train", T + " --resume", "contradict"),
     # train.py: the output directory
     ("out-exists", "", "train", "--model {model} --data {data} --out {old}", "exists and is not empty"),
@@ -414,7 +414,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(monkeypatch, capsys):
     monkeypatch.setattr(train, "train", oom)
     with pytest.raises(SystemExit) as exit_info:
         cli.run(train.main, ["--model", "m", "--data", "d", "--batch-size", "8", "--max-len", "2048",
-                             "--no-grad-ckpt"])
+                             "--grad-ckpt", "off"])
     assert exit_info.value.code == 2
     [line] = capsys.readouterr().err.splitlines()
     for phrase in ["CUDA out of memory (peak", "--batch-size (now 8", "--auto-batch", "--max-len (now 2048)",

@@ -39,6 +39,8 @@ def hint(name, known):
     ours = TUTORIAL_NAMES.get(name)
     if ours and ours != name and ours in known:
         return f"{flag(name)} is TrainingArguments' name; rawqlora's is {flag(ours)} (see --help)"
+    if name.startswith("no_") and name[3:] in known:  # a setting that was on/off and now takes a value
+        return f"{flag(name)} is not a flag; give {flag(name[3:])} a value (see --help)"
     return f"unknown option {flag(name)} (see --help)"
 
 
