@@ -204,6 +204,7 @@ from training.auto_batch import auto_batch_size, longest_rows_probe  # noqa: E40
 from training.distributed import say  # noqa: E402
 from training.loss import IGNORE_INDEX, causal_lm_loss  # noqa: E402
 from training.optim import LossScaler, lr_factor, make_optimizer  # noqa: E402
+from training.report import oom_message, print_summary, stop_message  # noqa: E402
 from training.inputs import check_model, check_out_dir, check_runtime, parse_targets, resume_point  # noqa: E402
 from training.metrics import MetricsLog  # noqa: E402
 from training.new_tokens import grow_vocabulary, train_embedding_rows  # noqa: E402
@@ -327,6 +328,28 @@ def every(spec, steps_per_epoch):
     return steps_per_epoch if spec == "epoch" else int(spec)
 
 
+def fit_memory(cfg, model, rows, batch_of, autocast, device, resumed):
+    """--auto-batch, then --grad-ckpt auto's plan (None when there is none), both from probe steps."""
+    # One forward and backward of the n longest rows, random state forked, gradients dropped.
+    probe = longest_rows_probe(lambda b: optimizer_step_grads(model, [b], autocast, 1.0), model, rows, batch_of, device)
+    if cfg.auto_batch and not resumed:  # a resumed run keeps the sizes its train_config.json recorded
+        cfg.batch_size, cfg.grad_accum, largest = auto_batch_size(probe, cfg.batch_size, cfg.grad_accum)
+        say(f"--auto-batch: a micro-batch of {largest} of the longest samples fits; using --batch-size "
+            f"{cfg.batch_size} --grad-accum {cfg.grad_accum} (effective batch {cfg.batch_size * cfg.grad_accum})")
+    if cfg.grad_ckpt != "auto" or device.type != "cuda":
+        return None
+    # A probe step of the longest micro-batch measures the full-checkpointing peak and one layer's
+    # activations; the last layers that fit the budget then keep theirs (training/memory_plan.py).
+    # It runs after --auto-batch, which sized the micro-batch with every layer checkpointed, and
+    # spends what that leaves. Gradients do not depend on the plan.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plan = memory_plan.apply(model.get_decoder().layers, lambda: probe(cfg.batch_size),
+                             budget=int(cfg.memory_budget * 2**30), offload=cfg.offload_activations,
+                             unseen=memory_plan.unseen_bytes(trainable, cfg.optim, cfg.grad_accum))
+    say(plan.summary())
+    return plan
+
+
 # ----------------------------------------------------------------------------------------
 # The run.
 # ----------------------------------------------------------------------------------------
@@ -361,23 +384,7 @@ def train(cfg):
     def batch_of(samples):
         return to_device(collate(samples, tokenizer.pad_token_id), device)
 
-    # One forward and backward of the n longest rows, random state forked, gradients dropped.
-    probe = longest_rows_probe(lambda b: optimizer_step_grads(model, [b], autocast, 1.0), model, rows, batch_of, device)
-    if cfg.auto_batch and not resume_from:  # a resumed run keeps the sizes its train_config.json recorded
-        cfg.batch_size, cfg.grad_accum, largest = auto_batch_size(probe, cfg.batch_size, cfg.grad_accum)
-        say(f"--auto-batch: a micro-batch of {largest} of the longest samples fits; using --batch-size "
-            f"{cfg.batch_size} --grad-accum {cfg.grad_accum} (effective batch {cfg.batch_size * cfg.grad_accum})")
-    # --grad-ckpt auto: a probe step of the longest micro-batch measures the full-checkpointing peak
-    # and one layer's activations; the last layers that fit the budget then keep theirs
-    # (training/memory_plan.py). It runs after --auto-batch, which sized the micro-batch with every
-    # layer checkpointed, and spends what that leaves. Gradients do not depend on the plan.
-    plan = None
-    if cfg.grad_ckpt == "auto" and device.type == "cuda":
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        plan = memory_plan.apply(model.get_decoder().layers, lambda: probe(cfg.batch_size),
-                                 budget=int(cfg.memory_budget * 2**30), offload=cfg.offload_activations,
-                                 unseen=memory_plan.unseen_bytes(trainable, cfg.optim, cfg.grad_accum))
-        say(plan.summary())
+    plan = fit_memory(cfg, model, rows, batch_of, autocast, device, resumed=resume_from is not None)
 
     # Global micro-batches of world x batch_size: the very list a single process with that batch
     # size would build, so N ranks see the same samples per step as one process does. Rank r
@@ -557,25 +564,6 @@ class Run:
         distributed.barrier()  # every rank returns only once the adapter is in --out
 
 
-def stop_message(step, what, last_ckpt):
-    where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-    return (f"non-finite {what} at step {step}: training stopped; {where}. Lower --lr, check the data, "
-            "or use --dtype bf16/fp32")
-
-
-def print_summary(s, out):
-    evals = ""
-    if s["eval_loss"] is not None and s["first_eval_loss"] is not None:
-        evals = f"; eval loss {s['first_eval_loss']:.3f} -> {s['eval_loss']:.3f}"
-    peak = f", peak memory {s['peak_mem_gib']:.2f} GiB" if s["peak_mem_gib"] else ""
-    print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f}s ({s['tok_s']:.0f} tokens/s{peak}); "
-          f"train loss {s['train_loss']:.3f} (mean of the last {min(50, s['steps'])} steps){evals}")
-    print(f"adapter: {out}")
-    print("next:")
-    print(f"  python merge.py --adapter {out} --out {out}-merged")
-    print(f"  python generate.py --model {out}-merged \"What is the capital of France?\"")
-
-
 def run(cfg):
     try:
         return train(cfg)
@@ -587,18 +575,6 @@ def run(cfg):
 
 def main(argv):
     return run(parse_config(argv))
-
-
-def oom_message(cfg):
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
-    ckpt = {"on": "; gradient checkpointing is already on",
-            "auto": ", or --memory-budget below the GPU's memory (--grad-ckpt auto then recomputes more layers)",
-            "off": ", or turn on gradient checkpointing (--grad-ckpt auto or on: recomputes activations instead of "
-                   "storing them)"}[cfg.grad_ckpt]
-    return (f"CUDA out of memory (peak {peak:.1f} GiB allocated of {total:.1f} GiB): lower --batch-size "
-            f"(now {cfg.batch_size}; --auto-batch finds the largest that fits, keeping the effective batch) "
-            f"or --max-len (now {cfg.max_len}){ckpt}")
 
 
 if __name__ == "__main__":
