@@ -55,6 +55,7 @@ class TrainConfig:
     train_embeddings: bool = False  # train all of embed_tokens/lm_head, not only rows of added tokens
     columns: str = ""  # the data's names for ours, OURS=THEIRS: "messages=conversation,role=from,content=text"
     roles: str = ""  # the data's chat roles as ours, OURS=THEIRS: "user=Guest,assistant=Lex" (adds to human/gpt)
+    heldout: str = ""  # JSON lines {"question", "answer"} asked before and after training, greedy, exact match on the answer
     data_field: str = ""  # a .json file holding one object: the field with the records (default: its only list of records)
     response_marker: str = ""  # text data: loss only on what follows this, e.g. "### Assistant:" or "[/INST]"
     prompt_marker: str = ""  # text data with --response-marker: where each response ends, e.g. "### Human:" or "[INST]"
@@ -160,6 +161,7 @@ def parse_config(argv):
         setattr(cfg, name, aliases.get(getattr(cfg, name), getattr(cfg, name)))
     if not cfg.model:
         cfg.model, cfg.data = str(REPO / "default" / "model"), cfg.data or str(REPO / "default" / "data" / "chat.jsonl")
+        cfg.heldout = cfg.heldout or str(REPO / "default" / "data" / "heldout.jsonl")
     if not cfg.data:
         raise BadInput("--data is required with --model (a json/jsonl/csv/parquet/txt file or a dataset name)")
     validate(cfg)
@@ -199,15 +201,15 @@ from tqdm.auto import tqdm  # noqa: E402
 import fast  # noqa: E402
 import lora  # noqa: E402
 import quant  # noqa: E402
-from training import checkpoint, data, distributed, grad_ckpt, memory_plan  # noqa: E402
+from training import checkpoint, data, distributed, grad_ckpt, heldout, memory_plan, plot  # noqa: E402
 from training.auto_batch import auto_batch_size, longest_rows_probe  # noqa: E402
 from training.distributed import say  # noqa: E402
+from training.inputs import check_model, check_out_dir, check_runtime, parse_targets, resume_point  # noqa: E402
 from training.loss import IGNORE_INDEX, causal_lm_loss  # noqa: E402
+from training.metrics import MetricsLog, append_record, read_records  # noqa: E402
+from training.new_tokens import grow_vocabulary, train_embedding_rows  # noqa: E402
 from training.optim import LossScaler, lr_factor, make_optimizer  # noqa: E402
 from training.report import oom_message, print_summary, stop_message  # noqa: E402
-from training.inputs import check_model, check_out_dir, check_runtime, parse_targets, resume_point  # noqa: E402
-from training.metrics import MetricsLog  # noqa: E402
-from training.new_tokens import grow_vocabulary, train_embedding_rows  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,6 +387,9 @@ def train(cfg):
         return to_device(collate(samples, tokenizer.pad_token_id), device)
 
     plan = fit_memory(cfg, model, rows, batch_of, autocast, device, resumed=resume_from is not None)
+    questions = heldout.load_questions(cfg.heldout) if cfg.heldout else []
+    # Before any step: B = 0, so this is the base model answering (with the data's chat tokens).
+    before = heldout.score(model, tokenizer, questions) if questions and not resume_from else None
 
     # Global micro-batches of world x batch_size: the very list a single process with that batch
     # size would build, so N ranks see the same samples per step as one process does. Rank r
@@ -443,8 +448,14 @@ def train(cfg):
     run = Run(cfg, model, optimizer, scaler, autocast, device, out, save_adapter, eval_batches, window,
               total_steps, warmup, steps_per_epoch)
     summary = run.loop(step, tokens_seen, resume_from)
+    if questions:
+        summary["heldout_correct"], summary["heldout_total"] = heldout.score(model, tokenizer, questions)
+        summary["heldout_before"] = before[0] if before else None
     if main:
-        print_summary(summary, out)
+        append_record(out / "metrics.jsonl", dict(summary={k: v for k, v in summary.items() if k != "out"}))
+        plot.write_loss_svg(read_records(out / "metrics.jsonl"), out / "loss.svg", title=f"{Path(cfg.model).name} on {Path(cfg.data).name}")
+        example = questions[0]["question"] if questions else "What is the capital of France?"
+        print_summary(summary, out, cfg.device, example)
     return summary
 
 

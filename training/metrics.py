@@ -33,3 +33,13 @@ class MetricsLog:
     def close(self):
         if self.file is not None:
             self.file.close()
+
+
+def append_record(path, record):
+    """One more line (the run's summary), after the log was closed."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

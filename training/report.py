@@ -9,17 +9,22 @@ def stop_message(step, what, last_ckpt):
             "or use --dtype bf16/fp32")
 
 
-def print_summary(s, out):
+def print_summary(s, out, device, question):
     evals = ""
     if s["eval_loss"] is not None and s["first_eval_loss"] is not None:
         evals = f"; eval loss {s['first_eval_loss']:.3f} -> {s['eval_loss']:.3f}"
     peak = f", peak memory {s['peak_mem_gib']:.2f} GiB" if s["peak_mem_gib"] else ""
     print(f"done: {s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.0f}s ({s['tok_s']:.0f} tokens/s{peak}); "
           f"train loss {s['train_loss']:.3f} (mean of the last {min(50, s['steps'])} steps){evals}")
+    if "heldout_total" in s:
+        before = f"{s['heldout_before']}/{s['heldout_total']}" if s["heldout_before"] is not None else "not measured: resumed"
+        print(f"held-out questions answered correctly: {s['heldout_correct']}/{s['heldout_total']} "
+              f"(before fine-tuning: {before})")
     print(f"adapter: {out}")
+    print(f"loss curve: {out / 'loss.svg'}")
     print("next:")
     print(f"  python merge.py --adapter {out} --out {out}-merged")
-    print(f"  python generate.py --model {out}-merged \"What is the capital of France?\"")
+    print(f"  python generate.py --model {out}-merged --device {device} \"{question}\"")
 
 
 def oom_message(cfg):
