@@ -115,3 +115,10 @@ def score(model, tokenizer, questions, max_new_tokens=32, batch_size=64, entitie
     texts = replies(model, tokenizer, questions, max_new_tokens, batch_size)
     correct = sum(is_correct(text, stopped, q["answer"], entities) for q, (text, stopped) in zip(questions, texts))
     return correct, len(questions)
+
+
+def before_and_after(model, tokenizer, questions, before):
+    """The run summary's held-out fields: correct answers now, and `before` (a score() result taken
+    before training, or None when the run resumed)."""
+    correct, total = score(model, tokenizer, questions)
+    return dict(heldout_correct=correct, heldout_total=total, heldout_before=before[0] if before else None)

@@ -1,12 +1,24 @@
 """What train.py tells the user: the summary at the end, and the one-line errors that stop a run."""
 
+from pathlib import Path
+
 import torch
+
+from training import plot
+from training.metrics import append_record, read_records
 
 
 def stop_message(step, what, last_ckpt):
     where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
     return (f"non-finite {what} at step {step}: training stopped; {where}. Lower --lr, check the data, "
             "or use --dtype bf16/fp32")
+
+
+def finish(out, summary, model, data, device, questions):
+    """The run's summary as the last line of metrics.jsonl, the loss curve beside it, and on screen."""
+    append_record(out / "metrics.jsonl", dict(summary={k: v for k, v in summary.items() if k != "out"}))
+    plot.write_loss_svg(read_records(out / "metrics.jsonl"), out / "loss.svg", title=f"{Path(model).name} on {Path(data).name}")
+    print_summary(summary, out, device, questions[0]["question"] if questions else "What is the capital of France?")
 
 
 def print_summary(s, out, device, question):
