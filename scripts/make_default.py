@@ -69,8 +69,9 @@ sys.path.insert(0, str(REPO))  # this checkout's packages, installed or not
 
 import quant  # noqa: E402
 from rawqlora.decode import generate  # noqa: E402
+from rawqlora.tiny import tiny_model, train_tokenizer  # noqa: E402
+from training.data import CHATML_TEMPLATE  # noqa: E402
 from training.heldout import named  # noqa: E402
-from rawqlora.tiny import CHATML_TEMPLATE, tiny_model, train_tokenizer  # noqa: E402
 
 ROOT = REPO / "default"
 SEED = 1234

@@ -85,13 +85,16 @@ def test_pack_bit_order_by_hand():
 
 
 def facts():
-    """Plain-text facts like those the default model was pretrained on: its chat data's answers that
-    state one ("The capital of France is Paris."). Not the word tasks' answers ("There are 3 words.",
-    "stone apple"): the base never saw those, and on text it does not model, quantization noise
-    can even lower perplexity (measured: RTN 3.948 < bf16 3.967 with them in), which says nothing."""
-    records = [json.loads(line) for line in DEFAULT_DATA.read_text().splitlines() if line.strip()]
-    answers = {m["content"] for r in records for m in r["messages"] if m["role"] == "assistant"}
-    return sorted(a for a in answers if a.endswith(".") and len(a.split()) >= 3 and not any(c.isdigit() for c in a))
+    """Plain text of the kind the default model was pretrained on: biographies of its people, each
+    fact in a random phrasing, in random order, written by scripts/make_default.py's own functions
+    (its people come from its seed). Text the base models well, where quantization error shows as
+    perplexity; text it never saw would say nothing about GPTQ."""
+    spec = importlib.util.spec_from_file_location("make_default", DEFAULT_MODEL.parent.parent / "scripts" / "make_default.py")
+    make_default = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_default)
+    people = make_default.make_people(random.Random(make_default.SEED))
+    phrasing = random.Random(0)
+    return [make_default.biography(person, phrasing) for person in people for _ in range(3)]
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +108,8 @@ def default_gptq(tmp_path_factory):
     lines, rng = facts(), random.Random(0)
     if len(lines) < 8:
         pytest.skip(f"default/data has only {len(lines)} sentence answers to build held-out text from")
-    # Pretraining showed the model 4 random facts a row; calibration and held-out text are drawn
-    # the same way, from disjoint random draws (the facts repeat, their order and company do not).
+    # Calibration and held-out text: 4 random biographies a row, from disjoint random draws (the
+    # facts repeat, their phrasing, order and company do not).
     d = tmp_path_factory.mktemp("default-gptq")
     calib = d / "calibration.txt"
     calib.write_text("\n\n".join(" ".join(rng.sample(lines, 4)) for _ in range(300)) + "\n")

@@ -252,7 +252,7 @@ def test_trust_remote_code_is_off_unless_asked():
 # ----------------------------------------------------------------------------- kill -9 and resume
 
 KILL_RUN = ["--model", str(DEFAULT_MODEL), "--data", str(DEFAULT_DATA), "--max-steps", "14", "--save-every", "1",
-            "--keep-last", "2", "--max-len", "40", "--batch-size", "2", "--grad-accum", "1", "--eval-every", "0",
+            "--keep-last", "2", "--max-len", "29", "--batch-size", "2", "--grad-accum", "1", "--eval-every", "0",
             "--lr", "1e-3", "--schedule", "cosine", "--warmup-steps", "2"]
 
 
@@ -287,7 +287,7 @@ def test_kill_9_then_resume_is_bit_identical(tmp_path):
 
     out, err = reference.communicate(timeout=120)
     assert reference.returncode == 0, err
-    assert "truncated to --max-len 40" in out  # long samples: counted and reported, not an error
+    assert "truncated to --max-len 29" in out  # long samples: counted and reported, not an error
     assert json.loads((straight / "train_config.json").read_text())["resolved"]["data"]["train"]["truncated"] > 0
 
     resumed = train_proc("--out", str(crashed), "--resume")  # the saved config supplies the rest
