@@ -369,7 +369,7 @@ def main():
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--optim", default="adamw", help="rawqlora's optimizer: adamw (train.py's default: ours, "
                    "multi-tensor, state counted in peak memory) or paged_adamw (the stack's)")
-    p.add_argument("--no-fused", action="store_true", help="rawqlora without rawqlora/fused.py (eager norms/SwiGLU)")
+    p.add_argument("--no-fused", action="store_true", help="rawqlora without the speed layer (train.py --no-fast)")
     p.add_argument("--attention", default="sdpa", help="rawqlora's attention: sdpa or flex_attention (train.py --attention)")
     p.add_argument("--mlp-chunk", type=int, default=0, help="rawqlora's MLP token chunk (train.py --mlp-chunk)")
     p.add_argument("--max-seq", action="store_true", help="also find the longest batch-1 sequence within 24 GiB")

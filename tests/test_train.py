@@ -210,3 +210,19 @@ def test_eval_and_save_at_each_epoch_end(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == \
         sorted(f"step-{s}" for s in (per_epoch, 2 * per_epoch))
     assert [m["step"] for m in metrics(tmp_path / "out") if "eval_loss" in m] == [0, per_epoch, 2 * per_epoch]
+
+
+def test_new_token_rows_start_at_the_mean():
+    """What the README says: added tokens' embedding and head rows are the mean of the old rows,
+    exactly (transformers' mean resizing, which samples around it and says so on stderr, is not used)."""
+    from rawqlora.tiny import tiny_model
+    from training.new_tokens import grow_vocabulary
+
+    model = tiny_model("llama", 300)
+    before = {n: m.weight.detach().clone() for n, m in
+              (("embed", model.get_input_embeddings()), ("head", model.get_output_embeddings()))}
+    grow_vocabulary(model, 302)
+    for name, module in (("embed", model.get_input_embeddings()), ("head", model.get_output_embeddings())):
+        assert module.weight.shape[0] == 302
+        assert torch.equal(module.weight[:300], before[name])
+        assert torch.equal(module.weight[300:], before[name].mean(0).expand(2, -1))

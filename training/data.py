@@ -36,7 +36,7 @@ import torch
 from rawqlora.errors import BadInput
 from training.loss import IGNORE_INDEX
 
-IGNORE = IGNORE_INDEX  # the label that gets no loss (rawqlora/loss.py skips it)
+IGNORE = IGNORE_INDEX  # the label that gets no loss (training/loss.py skips it)
 FORMATS = ("chat", "alpaca", "prompt-response", "text")
 EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]

@@ -10,10 +10,17 @@ def grow_vocabulary(model, vocab):
     A new row initialised to the mean embedding starts as an "average token" instead of
     noise, so the first steps do not spike the loss (Hewitt, "Initializing New Word
     Embeddings for Pretrained Language Models", 2021). Called before LoRA is injected:
-    transformers resizes only plain embedding and head modules.
+    transformers resizes only plain embedding and head modules. Not its mean_resizing, which
+    samples around the mean (covariance scaled by 1e-9) and says so on stderr: the mean, exactly.
     """
-    if vocab > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(vocab, mean_resizing=True)
+    old = model.get_input_embeddings().weight.shape[0]
+    if vocab <= old:
+        return
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    with torch.no_grad():
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):  # tied: the same rows twice
+            weight = module.weight
+            weight[old:] = weight[:old].float().mean(0).to(weight.dtype)
 
 
 def train_embedding_rows(model, old_vocab, tokens_added, train_all):
