@@ -465,3 +465,20 @@ def test_probe_batch_leaves_no_trace(make_model_dir, tokenizer):
     probe(2)
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("tool, argv", [("train", ["--help"]), ("train", ["--learning-rate", "1"]),
+                                        ("merge", ["--help"]), ("merge", ["--adapter", "a"]),
+                                        ("generate", ["--help"]), ("generate", ["--top-p", "2"])])
+def test_help_and_flag_errors_answer_before_torch_loads(tool, argv):
+    """--help and a bad flag are answered before torch, transformers and bitsandbytes are imported
+    (seconds of imports): the script exits from its early parse with torch not in sys.modules."""
+    probe = ("import runpy, sys\n"
+             f"sys.argv = [{tool + '.py'!r}, *{argv!r}]\n"
+             "try:\n"
+             f"    runpy.run_path({str(REPO / (tool + '.py'))!r}, run_name='__main__')\n"
+             "except SystemExit as e:\n"
+             "    print('exit', e.code, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    code = 0 if "--help" in argv else 2
+    assert done.stdout.splitlines()[-1] == f"exit {code} False", done.stdout + done.stderr
