@@ -9,6 +9,7 @@ Real subprocesses, ~15 s each on 2 CPU cores.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -130,3 +131,22 @@ def test_resume_with_another_number_of_ranks_is_refused(runs):
     shutil.copytree(tmp / "two", tmp / "one-rank-resume")
     with pytest.raises(BadInput, match="written by 2 process"):
         train.train(train.parse_config(["--out", str(tmp / "one-rank-resume"), "--resume"]))
+
+
+def test_two_nodes_through_torchrun_rendezvous(runs, tmp_path):
+    # Multi-node is torchrun's job: two "machines" (two torchrun processes on this one, one rank
+    # each) meeting at a c10d rendezvous train exactly like the single-node run above, which
+    # equals one process with twice the batch. The README's multi-node command, on localhost.
+    tmp, _ = runs
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "rawqlora-test",
+            str(REPO / "train.py"), *FLAGS, "--batch-size", "2", "--out", str(tmp_path / "nodes")]
+    nodes = [subprocess.Popen(node, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [err[-2000:] for _, err in outputs]
+    assert losses(tmp_path / "nodes") == losses(tmp / "two")  # same ranks, same order of sums: equal
+    assert_adapters_close(tmp_path / "nodes", tmp / "one")
