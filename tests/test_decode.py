@@ -17,15 +17,8 @@ from rawqlora import cuda_graph, decode
 from rawqlora.decode import Sampling, generate, left_pad, sample
 from rawqlora.static_cache import visible_columns
 from reference import load_hf
+from test_generate import EOS, N, PROMPTS  # the same prompts and lengths as the CLI's tests
 
-PROMPTS = [
-    "The quick brown",
-    "What is the capital of France? The capital",
-    "def add(a",
-    "Write a haiku about autumn leaves",
-]
-EOS = 2
-N = 16
 
 
 @pytest.fixture(scope="module")
