@@ -27,12 +27,6 @@ import sys
 from rawqlora.cli import ArgumentParser, run
 from rawqlora.errors import BadInput
 
-# End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3, Gemma, Llama 2 / Mistral),
-# stop tokens whenever the vocabulary has them: a chat model ends its reply with one, which is
-# not always its EOS.
-END_OF_TURN = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"]
-
-
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -91,8 +85,8 @@ import torch  # noqa: E402
 import lora  # noqa: E402
 import quant  # noqa: E402
 from quant import gptq  # noqa: E402
-from rawqlora.decode import Sampling, generate  # noqa: E402
-from training.data import CHATML_TEMPLATE  # noqa: E402
+from rawqlora.decode import Sampling, generate, stop_ids  # noqa: E402
+from training.data import CHATML_TEMPLATE, chat_prompt_ids  # noqa: E402
 
 
 def resolve(args):
@@ -182,24 +176,12 @@ def load(args):
     return tokenizer, model
 
 
-def stop_ids(tokenizer, model):
-    """EOS (the tokenizer's and the model's generation config's) and any end-of-turn token."""
-    ids = {tokenizer.eos_token_id}
-    eos = model.generation_config.eos_token_id
-    ids.update(eos if isinstance(eos, list) else [eos])
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
-    return sorted(i for i in ids if i is not None)
-
-
 def encode(tokenizer, messages_or_text, raw):
     if raw:
         # BOS etc. as the tokenizer adds them, unless the text already starts with its BOS.
         written = tokenizer.bos_token is not None and messages_or_text.startswith(tokenizer.bos_token)
         return tokenizer(messages_or_text, add_special_tokens=not written)["input_ids"]
-    text = tokenizer.apply_chat_template(messages_or_text, add_generation_prompt=True, tokenize=False)
-    # The rendered template already holds its special tokens (BOS included where it has one).
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return chat_prompt_ids(tokenizer, messages_or_text)  # as the model was trained: BOS first
 
 
 def turn(prompt, system):

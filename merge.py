@@ -348,13 +348,9 @@ def write_nf4(merged, out, plan, args):
 def write_gptq(merged, out, plan, args):
     """The merged model `merged` as a GPTQ checkpoint in `out`, calibrated on --calibration (else the
     adapter's training data)."""
-    staging = out / "gptq"  # quantize_directory makes its directory itself, whole or not at all
-    gptq.quantize_directory(merged, staging, args.calibration or plan.trained.data, samples=args.calibration_samples,
+    gptq.quantize_directory(merged, out, args.calibration or plan.trained.data, samples=args.calibration_samples,
                             seq_len=args.calibration_len, group_size=args.group_size, act_order=args.act_order,
                             tokenizer_dir=merged, trust_remote_code=args.trust_remote_code)
-    for f in staging.iterdir():
-        os.replace(f, out / f.name)
-    staging.rmdir()
 
 
 # --quantize NAME: writer(merged_dir, out_dir, plan, args), written into OUT-NAME.

@@ -40,9 +40,7 @@ Checkpoint (AutoGPTQ v1, what transformers/optimum, vLLM and TGI read), per Line
 
 import copy
 import json
-import os
 import random
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +54,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from quant.experts import module_key, unfuse_experts
 from quant.load import (checkpoint_files, load_model, open_checkpoint, place, read_config, read_tensor,
                         rebuild_computed_buffers)
-from quant.save import MAX_SHARD_BYTES, copy_tokenizer, write_weights
+from quant.save import MAX_SHARD_BYTES, write_model
 from training import data
 from rawqlora.cli import ArgumentParser, run
 from rawqlora.errors import BadInput
@@ -468,30 +466,16 @@ def save_gptq(model, results, out, group_size, act_order, tokenizer_source=None,
 
     The model's Linears are swapped for GPTQLinear on the way (the model is spent afterwards).
     The other tensors are written in `dtype`, fp16 as AutoGPTQ does. The directory appears
-    complete or not at all: it is written beside `out` and renamed.
+    complete or not at all (quant.write_model); an existing non-empty `out` is refused.
     """
-    out = Path(out)
-    if out.exists():
-        raise BadInput(f"{out} already exists: choose a new output directory")
     for name, q in results.items():
         model.set_submodule(name, GPTQLinear.from_quantized(q, model.get_submodule(name).bias))
     for p in model.parameters():  # GPTQLinear has buffers only, so this leaves the packed tensors alone
         p.data = p.data.to(dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write_weights(model, tmp, max_shard_bytes)
-        config = copy.deepcopy(model.config)
-        config.dtype = dtype
-        config.quantization_config = quantization_config(group_size, act_order)
-        config.save_pretrained(tmp)
-        if tokenizer_source is not None:
-            copy_tokenizer(Path(tokenizer_source), tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.quantization_config = quantization_config(group_size, act_order)
+    write_model(model, out, config, tokenizer_source, max_shard_bytes=max_shard_bytes)
 
 
 def is_gptq(path):
@@ -598,7 +582,7 @@ def quantize_directory(model_dir, out_dir, calibration, samples=128, seq_len=204
     Every bad input is refused before the model is loaded. Returns quantize_model's results.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.exists():
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # write_model's own rule, checked early
         raise BadInput(f"{out_dir} already exists: choose a new --out")
     if group_size not in GROUP_SIZES:
         raise BadInput(f"group size {group_size} is not supported: use one of {', '.join(map(str, GROUP_SIZES))}")

@@ -156,6 +156,22 @@ def pick(logits, seen, sampling, generator):
 # ----------------------------------------------------------------------------- the loop's state
 
 
+# End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3, Gemma, Llama 2 / Mistral),
+# stop tokens whenever the vocabulary has them: a chat model ends its reply with one, which is
+# not always its EOS.
+END_OF_TURN = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>"]
+
+
+def stop_ids(tokenizer, model):
+    """EOS (the tokenizer's and the model's generation config's) and any end-of-turn token."""
+    ids = {tokenizer.eos_token_id}
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos])
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(i for i in ids if i is not None)
+
+
 def cache_argument(model):
     # transformers renamed the forward's `past_key_values` to `cache` (the old name now warns
     # of its removal); older releases know only the old name.

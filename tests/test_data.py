@@ -19,6 +19,7 @@ from training.data import (
     IGNORE,
     alpaca_prompt,
     batches,
+    chat_prompt_ids,
     collate,
     collate_packed,
     detect_format,
@@ -591,3 +592,15 @@ def test_packed_losses_equal_unpacked_losses(tokenizer, attn):
     torch.testing.assert_close(torch.stack(packed), torch.stack(alone), rtol=1e-5, atol=0)
     torch.testing.assert_close(per_row, torch.stack(alone), rtol=1e-5, atol=0)
     assert not torch.allclose(leaky, per_token, rtol=1e-3)
+
+
+def test_chat_prompt_ids_is_how_training_renders_the_prompt(tokenizer):
+    """generate.py and the held-out questions prompt the model with what training fed it before each
+    answer: the same ids, BOS first even though this ChatML template does not write one."""
+    user = {"role": "user", "content": "What is the capital of France?"}
+    sample, _ = encode({"messages": [user, {"role": "assistant", "content": "Paris."}]}, tokenizer, "chat", 256)
+    prompt = chat_prompt_ids(tokenizer, [user])
+    assert prompt[0] == tokenizer.bos_token_id and "bos_token" not in tokenizer.chat_template
+    assert sample["input_ids"][: len(prompt)] == prompt
+    assert all(label == IGNORE for label in sample["labels"][: len(prompt)])
+    assert sample["labels"][len(prompt)] != IGNORE  # the answer starts right after

@@ -254,3 +254,12 @@ def test_graph_loop_captures_after_the_warmup_and_keeps_the_decoder(llama, encod
     kept = decode._decoder(llama, encoded[:1], 30, greedy, [EOS], 0, "static", graph=True)
     assert kept.columns == decode.KEPT_COLUMNS  # rounded up, so that chat turns of similar length share it
     cuda_graph.release(llama)
+
+
+def test_stop_ids_are_eos_and_the_end_of_turn_token(tokenizer):
+    """generate.py and the held-out questions stop at EOS and at the chat template's end of turn."""
+    from rawqlora.decode import stop_ids
+    from rawqlora.tiny import tiny_model
+
+    model = tiny_model("llama", len(tokenizer))
+    assert stop_ids(tokenizer, model) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})

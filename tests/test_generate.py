@@ -35,6 +35,7 @@ from rawqlora.decode import (
     top_p_filter,
 )
 from reference import load_hf
+from training.data import chat_prompt_ids
 
 PROMPTS = [
     "The quick brown",
@@ -213,9 +214,8 @@ def im_end(tokenizer):
 
 
 def chat_prompt(tokenizer, text):
-    messages = [{"role": "user", "content": text}]
-    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    """The rendering training uses (test_data.py checks it against training's encode)."""
+    return chat_prompt_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def test_cli_prompt_from_stdin_streams_greedy_output(make_model_dir, tokenizer, llama, monkeypatch, capsys):

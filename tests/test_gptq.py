@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 import quant
 from quant import gptq
 from rawqlora import cli
-from rawqlora.decode import generate
+from rawqlora.decode import generate, stop_ids
 
 torch.set_num_threads(1)  # tiny models on a busy 2-core machine: faster single-threaded
 
@@ -446,5 +446,5 @@ def test_merge_quantize_gptq_then_generate(make_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     model = gptq.load_gptq(out.with_name("merged-gptq"), device="cpu", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(out.with_name("merged-gptq"))
-    ids = generate(model, [tokenizer(prompt)["input_ids"]], 8, generate_cli.stop_ids(tokenizer, model)).tokens[0]
+    ids = generate(model, [tokenizer(prompt)["input_ids"]], 8, stop_ids(tokenizer, model)).tokens[0]
     assert printed == tokenizer.decode(ids, skip_special_tokens=True) + "\n"

@@ -6,11 +6,13 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import lora
 import quant
 from rawqlora.tiny import tiny_config
 from training import heldout, plot
+from training.data import chat_prompt_ids
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -25,6 +27,7 @@ class ScriptedLM(torch.nn.Module):
     def __init__(self, vocab_size, script):
         super().__init__()
         self.config = tiny_config("llama", vocab_size)  # DynamicCache reads the layer count here
+        self.generation_config = GenerationConfig(eos_token_id=self.config.eos_token_id)  # stop_ids reads it
         self.script = {tuple(k): v for k, v in script.items()}
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
         self.vocab_size = vocab_size
@@ -79,7 +82,7 @@ def scripted(tokenizer):
     script = {}
     for q, (reply, stop, _) in zip(QUESTIONS, CASES):
         ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-        script[tuple(heldout.prompt_ids(tokenizer, q["question"]))] = ids + ([tokenizer.convert_tokens_to_ids(stop)] if stop else [])
+        script[tuple(chat_prompt_ids(tokenizer, [{"role": "user", "content": q["question"]}]))] = ids + ([tokenizer.convert_tokens_to_ids(stop)] if stop else [])
     assert len(script) == len(QUESTIONS)  # distinct prompts
     return ScriptedLM(len(tokenizer), script)
 
@@ -114,10 +117,9 @@ def test_named_is_whole_word_longest_match():
 
 
 def test_prompt_is_the_training_rendering(tokenizer):
-    ids = heldout.prompt_ids(tokenizer, "Where was Clara Novak born?")
+    ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Where was Clara Novak born?"}])
     assert ids[0] == tokenizer.bos_token_id  # training/data.py starts every sample with BOS
     assert tokenizer.decode(ids[1:]) == "<|im_start|>user\nWhere was Clara Novak born?<|im_end|>\n<|im_start|>assistant\n"
-    assert heldout.stop_ids(tokenizer) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
 
 
 def test_load_questions(tmp_path):

@@ -567,11 +567,24 @@ def encode(record, tokenizer, fmt, max_len, train_on_prompt=False, schema=Schema
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [t if train_on_prompt or any(is_target[a:b]) else IGNORE for t, (a, b) in zip(ids, enc["offset_mapping"])]
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[:1] != [bos]:
-        ids, labels = [bos] + ids, [IGNORE] + labels
+    if with_bos(tokenizer, ids) is not ids:
+        ids, labels = [tokenizer.bos_token_id] + ids, [IGNORE] + labels
     labels[0] = IGNORE  # nothing predicts the first token (see the module docstring)
     return {"input_ids": ids[:max_len], "labels": labels[:max_len]}, len(ids) > max_len
+
+
+def with_bos(tokenizer, ids):
+    """`ids` with the tokenizer's BOS in front, where it has one and the text did not start with it:
+    every training sample starts so, whether its chat template writes BOS or not."""
+    bos = tokenizer.bos_token_id
+    return ids if bos is None or ids[:1] == [bos] else [bos] + ids
+
+
+def chat_prompt_ids(tokenizer, messages):
+    """The ids a chat model is prompted with: `messages` through the chat template with the
+    assistant's generation prompt, BOS first as in training (generate.py, held-out questions)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def prepare(spec, tokenizer, fmt="auto", max_len=1024, train_on_prompt=False, eval_split=0.05, eval_data=None,

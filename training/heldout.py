@@ -27,10 +27,8 @@ import re
 
 import torch
 
-from rawqlora.decode import generate
-
-END_OF_TURN = "<|im_end|>"  # ChatML's, the template of the embedded default and train.py's fallback
-
+from rawqlora.decode import generate, stop_ids
+from training.data import chat_prompt_ids
 
 def load_questions(path):
     """The questions of a JSON-lines file: a list of {"question": str, "answer": str}."""
@@ -46,38 +44,18 @@ def load_questions(path):
     return questions
 
 
-def prompt_ids(tokenizer, question):
-    """The token ids of one question as a user turn plus the assistant's generation prompt.
-
-    BOS first when the tokenizer has one, as training/data.py encodes the training samples.
-    """
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                         add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ids if bos is None or ids[:1] == [bos] else [bos] + ids
-
-
-def stop_ids(tokenizer):
-    """EOS, and ChatML's end-of-turn token when the vocabulary has it as one token."""
-    ids = {tokenizer.eos_token_id}
-    end = tokenizer.convert_tokens_to_ids(END_OF_TURN)
-    if end is not None and end != tokenizer.unk_token_id:
-        ids.add(end)
-    return sorted(i for i in ids if i is not None)
-
-
 def replies(model, tokenizer, questions, max_new_tokens=32, batch_size=64):
     """(reply text, ended by a stop token) per question, greedy. The model is used in eval mode
     (no dropout) and left in the mode it came in."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stops = stop_ids(tokenizer)
+    stops = stop_ids(tokenizer, model)  # as generate.py stops
     out = []
     try:
         for i in range(0, len(questions), batch_size):
-            batch = [prompt_ids(tokenizer, q["question"]) for q in questions[i : i + batch_size]]
+            batch = [chat_prompt_ids(tokenizer, [{"role": "user", "content": q["question"]}])
+                     for q in questions[i : i + batch_size]]
             result = generate(model, batch, max_new_tokens, stop_ids=stops, pad_id=pad)
             out += [(tokenizer.decode(t, skip_special_tokens=True), s) for t, s in zip(result.tokens, result.stopped)]
     finally:
