@@ -20,12 +20,14 @@ fast forwards run Triton kernels and torch.compile's fusions on CUDA (fast/state
 import contextvars
 import sys
 
+import torch
+
 import fast.state as state
 from fast.lora_function import FastLoRAForward
-from fast.ops import RMSNormFunction, RotaryFunction, SwiGLUFunction
+from fast.ops import RMSNormFunction, RotaryFunction, SwiGLUFunction, kernel, swiglu_forward
 from fast.siblings import run_together
 from lora.layer import LoRALinear
-from training.grad_ckpt import is_recomputing
+from training.grad_ckpt import is_lean, is_recomputing
 
 # RMSNorm classes whose forward is `w * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)`.
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm")
@@ -67,6 +69,24 @@ def _fused_norm_forward(norm):
     return _fast_forward(forward)
 
 
+def _rebuilt_in_backward(t, rebuild):
+    """Saved-tensor hooks under which a tensor saved for backward that is `t` (or a reshape of
+    it: same storage, same size) is not kept but rebuilt by `rebuild()` when backward needs it.
+    Every other saved tensor is kept as usual (and is invisible to outer hooks, such as
+    training/memory_plan.py's SavedBytes: only down_proj's small [tokens, r] product is inside)."""
+    storage, size = t.untyped_storage().data_ptr(), t.numel()
+
+    def pack(saved):
+        if saved.untyped_storage().data_ptr() == storage and saved.numel() == size and saved.is_contiguous():
+            return ("rebuild", saved.shape)
+        return saved
+
+    def unpack(packed):
+        return rebuild().reshape(packed[1]) if isinstance(packed, tuple) else packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
 def _fused_mlp_forward(mlp):
     plain = mlp.forward
 
@@ -75,15 +95,28 @@ def _fused_mlp_forward(mlp):
             return plain(x)
         pair = (mlp.gate_proj, mlp.up_proj)
         gate_up = run_together(pair, x) if all(map(fast_lora, pair)) else None
-        h = SwiGLUFunction.apply(*(gate_up or (mlp.gate_proj(x), mlp.up_proj(x))))
+        gate, up = gate_up or (mlp.gate_proj(x), mlp.up_proj(x))
+        h = SwiGLUFunction.apply(gate, up)
         if is_recomputing() and fast_lora(mlp.down_proj):
             # In these decoder layers the MLP's output only feeds the residual add, which is
             # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
             # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
             return mlp.down_proj(h, output_needed=False)
+        if is_lean() and fast_lora(mlp.down_proj):
+            # A lean kept layer (training/grad_ckpt.py): down_proj's backward gets h = silu(g)·u
+            # rebuilt from g and u, which SwiGLU's backward keeps anyway, instead of keeping h
+            # (intermediate-size wide: the largest tensor a kept layer would hold alone).
+            with _rebuilt_in_backward(h, lambda: _swiglu_value(gate, up)):
+                return mlp.down_proj(h)
         return mlp.down_proj(h)
 
     return _fast_forward(forward)
+
+
+def _swiglu_value(gate, up):
+    """h as SwiGLUFunction's forward computed it: the same kernel on the same inputs, the same bits."""
+    with torch.no_grad(), torch.autocast(gate.device.type, enabled=False):
+        return kernel(swiglu_forward, gate.device)(gate, up)
 
 
 # Rotary embedding is a module-level function that the attention forward looks up by name, so

@@ -28,13 +28,14 @@ def loss_of(model, ids):
 
 
 def lora_grads(offload, checkpointing, dropout, mlp_chunk=0, use_fast=False, device="cpu", checkpointed=None,
-               layers=2):
+               layers=2, lean=False):
     """Every trainable parameter's gradient for one step of a tiny Llama: the reference, or with
     `use_fast` after fast.enable (kernels off unless a test switches fast/state.py's on).
     `checkpointed`: the layer indices grad_ckpt checkpoints (None: all)."""
     model = tiny_lora_model(dropout, use_fast, layers, device)
     if checkpointing:
         grad_ckpt.enable(model.get_decoder().layers, offload=offload, mlp_chunk=mlp_chunk, checkpointed=checkpointed)
+        grad_ckpt.set_lean(model.get_decoder().layers, lean)
     elif mlp_chunk:
         for layer in model.get_decoder().layers:
             grad_ckpt.chunk_mlp(layer.mlp, mlp_chunk)
@@ -138,6 +139,56 @@ def test_partial_plan_gradients_equal_full_checkpointing(offload, use_fast):
         assert partial.keys() == full.keys()
         for k in full:
             assert torch.equal(partial[k], full[k]), (checkpointed, k)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_kept_layers_gradients_equal_full_checkpointing(dropout):
+    # A lean kept layer rebuilds down_proj's input h = silu(g)·u in backward with SwiGLU's own
+    # forward function on the same g and u: the same bits, so the same gradients, bit for bit.
+    full = lora_grads(False, True, dropout=dropout, use_fast=True, layers=4)
+    for checkpointed in [{0, 1}, set()]:
+        lean = lora_grads(False, True, dropout=dropout, use_fast=True, layers=4, checkpointed=checkpointed, lean=True)
+        for k in full:
+            assert torch.equal(lean[k], full[k]), (checkpointed, k)
+
+
+def lean_probe(layers, lean):
+    """memory_plan.measure of a tiny fast model's top layer (dropout 0: down_proj saves h itself)."""
+    model = tiny_lora_model(dropout=0.0, use_fast=True, layers=layers)
+    grad_ckpt.enable(model.get_decoder().layers)
+    grad_ckpt.set_lean(model.get_decoder().layers, lean)
+    model.train()
+    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(1))
+
+    def run_step():
+        loss_of(model, ids).backward()
+        model.zero_grad(set_to_none=True)
+
+    return model, run_step
+
+
+def test_lean_kept_layer_saves_less_by_the_swiglu_output():
+    model, run_step = lean_probe(3, lean=False)
+    plain = memory_plan.measure(model.get_decoder().layers, run_step)
+    model, run_step = lean_probe(3, lean=True)
+    lean = memory_plan.measure(model.get_decoder().layers, run_step)
+    config = model.config
+    tokens = 2 * 13
+    h = tokens * config.intermediate_size * 4  # fp32 on the CPU
+    a = tokens * 4 * 4  # down_proj's LoRA product [tokens, r]: saved inside the rebuild hooks, unseen there
+    assert plain.saved - lean.saved == h + a
+
+
+def test_apply_goes_lean_only_when_memory_binds():
+    model, run_step = lean_probe(3, lean=False)
+    layers = model.get_decoder().layers
+    c = memory_plan.measure(layers, run_step).per_layer
+    roomy = memory_plan.apply(layers, run_step, budget=3 * c * 10 // 9 + 10)
+    assert roomy.kept == 3 and not roomy.lean and not any(layer._lean for layer in layers)
+    tight = memory_plan.apply(layers, run_step, budget=(c - 1) * 10 // 9)  # room for less than one more c
+    assert tight.lean and tight.kept > 1 and all(layer._lean for layer in layers)
+    assert tight.measurement.per_layer < c
+    assert "lean" in tight.summary()
 
 
 def test_partial_plan_with_chunked_mlp_equals_full_checkpointing():

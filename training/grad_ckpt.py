@@ -16,10 +16,12 @@ Two ways, the same gradients:
     autograd function because PyTorch's checkpoint keeps its inputs by reference, where no
     saved-tensor hook can move them.
 
-Two refinements: at long sequences a layer's MLP can also be recomputed token chunk by token
+Three refinements: at long sequences a layer's MLP can also be recomputed token chunk by token
 chunk (`ChunkedMLP`, `mlp_chunk`), so its wide intermediates never exist for the whole
-sequence; and a recompute runs inside `recomputing()`, which lets a layer skip work whose
-only use is the (never read) layer output.
+sequence; a recompute runs inside `recomputing()`, which lets a layer skip work whose
+only use is the (never read) layer output; and a *lean* kept layer runs inside `lean()`,
+which lets it keep a cheap recipe instead of a wide result (fast/patch.py: the SwiGLU output,
+rebuilt from the gate and up it already keeps, 28 of a 7B layer's ~118 KB per token).
 
 Not every layer need be checkpointed: `enable(..., checkpointed=...)` and `set_checkpointed`
 choose which; the others run plainly and keep their activations (--grad-ckpt auto picks them
@@ -52,6 +54,26 @@ def is_recomputing():
     needs only the saved tensors), so a layer may skip work whose only use is that output:
     fast/patch.py skips the MLP's last projection."""
     return _recomputing
+
+
+_lean = False
+
+
+@contextlib.contextmanager
+def lean():
+    """Marks the forward of a kept layer that should save less and rebuild more in backward."""
+    global _lean
+    previous, _lean = _lean, True
+    try:
+        yield
+    finally:
+        _lean = previous
+
+
+def is_lean():
+    """True inside a lean kept layer's forward (`set_lean`). Never inside a checkpoint: there
+    PyTorch's own saved-tensor hooks must see every tensor the recompute saves."""
+    return _lean
 
 
 def random_state(device):
@@ -230,6 +252,7 @@ def enable(layers, offload=False, mlp_chunk=0, checkpointed=None):
         if getattr(layer, "_plain_forward", None) is not None:
             continue  # already enabled
         layer._checkpointed = checkpointed is None or index in checkpointed
+        layer._lean = False
         if mlp_chunk > 0:
             chunk_mlp(layer.mlp, mlp_chunk, when=lambda _layer=layer: _layer._checkpointed)
         layer._plain_forward = layer.forward
@@ -237,7 +260,8 @@ def enable(layers, offload=False, mlp_chunk=0, checkpointed=None):
         @functools.wraps(layer._plain_forward)
         def forward(hidden_states, *args, _layer=layer, _index=index, **kwargs):
             if not _layer.training or not _layer._checkpointed:
-                return _layer._plain_forward(hidden_states, *args, **kwargs)
+                with lean() if _layer._lean and _layer.training else contextlib.nullcontext():
+                    return _layer._plain_forward(hidden_states, *args, **kwargs)
             if parking is not None:
                 params = [p for p in _layer.parameters() if p.requires_grad]
                 return OffloadedCheckpoint.apply(
@@ -256,6 +280,14 @@ def set_checkpointed(layers, checkpointed):
         if getattr(layer, "_plain_forward", None) is None:
             raise ValueError(f"layer {index} was never passed to grad_ckpt.enable")
         layer._checkpointed = checkpointed is None or index in checkpointed
+
+
+def set_lean(layers, on):
+    """Make the layers that keep their activations lean (see `is_lean`) or not, from the next
+    forward on: less memory per kept layer for one elementwise pass more in its backward. The
+    gradients are the same bit for bit (the rebuild is the forward's own kernel on the same inputs)."""
+    for layer in layers:
+        layer._lean = bool(on)
 
 
 def checkpointed_indices(layers):

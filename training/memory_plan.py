@@ -16,7 +16,9 @@ last n kept (why those: `checkpointed_layers`), a step's peak is
 
 and `plan` keeps the largest n whose peak fits in (1 - FRAGMENTATION) x the budget. The budget
 defaults to all the GPU memory this process could have once the model is loaded
-(`default_budget`).
+(`default_budget`). When not every layer fits, a second probe measures c with the kept layers
+lean (training/grad_ckpt.py `set_lean`: c smaller by the SwiGLU output) and that plan is taken
+if it keeps more layers.
 
 Measured, not derived from a formula: what a layer saves depends on the model, the speed
 layer (fast/ saves 2.3x less than the reference), dropout, the attention kernel and the
@@ -60,6 +62,7 @@ class Plan:
     unseen: int  # bytes training holds that the probe did not (optimizer state)
     predicted_peak: int  # bytes allocated at the step's peak, by the formula above
     measurement: Measurement
+    lean: bool = False  # kept layers rebuild their SwiGLU output in backward (grad_ckpt.set_lean)
 
     def summary(self):
         m, gib, first = self.measurement, 2**30, self.layers - self.kept
@@ -69,7 +72,8 @@ class Plan:
         return (f"--grad-ckpt auto: {self.kept} of {self.layers} layers keep their activations ({which}); "
                 f"measured {m.peak / gib:.2f} GiB peak with one kept, {m.per_layer / gib:.3f} GiB per kept layer; "
                 f"predicted peak {self.predicted_peak / gib:.2f} GiB of a {self.budget / gib:.2f} GiB budget "
-                f"({FRAGMENTATION:.0%} of it left to the allocator)")
+                f"({FRAGMENTATION:.0%} of it left to the allocator)"
+                + ("; kept layers lean (SwiGLU output rebuilt in backward)" if self.lean else ""))
 
     def as_dict(self):
         d = dataclasses.asdict(self)
@@ -285,6 +289,17 @@ def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first"
         budget = min(budget, available) if budget else available
     elif not budget:
         raise ValueError("a memory budget is needed off CUDA (no free-memory figure to default to)")
+    grad_ckpt.set_lean(layers, False)
     result = plan(measure(layers, run_step, offload), len(layers), budget, unseen, placement, kept)
+    if result.kept < len(layers) and kept is None:
+        # Memory binds: make the kept layers lean (grad_ckpt.set_lean), which costs each of them
+        # one elementwise pass in backward and lets more of them fit, each saving a layer's
+        # recompute (a forward, ~25x that pass), and plan again from a second probe.
+        grad_ckpt.set_lean(layers, True)
+        leaner = plan(measure(layers, run_step, offload), len(layers), budget, unseen, placement, kept)
+        if leaner.kept > result.kept:
+            result = dataclasses.replace(leaner, lean=True)
+        else:
+            grad_ckpt.set_lean(layers, False)
     grad_ckpt.set_checkpointed(layers, result.checkpointed)
     return result
