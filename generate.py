@@ -85,6 +85,7 @@ import torch  # noqa: E402
 import lora  # noqa: E402
 import quant  # noqa: E402
 from quant import gptq  # noqa: E402
+from rawqlora import sibling_projections  # noqa: E402
 from rawqlora.decode import Sampling, generate, stop_ids  # noqa: E402
 from training.data import CHATML_TEMPLATE, chat_prompt_ids  # noqa: E402
 
@@ -173,6 +174,9 @@ def load(args):
     if args.adapter is not None:
         lora.load_adapter(model, args.adapter)
     model.eval()  # no dropout, in the base or the adapter
+    # q/k/v and gate/up as one product each where they are plain or GPTQ layers (a merged or a
+    # GPTQ model): batch-1 decode reads small weights badly one by one (rawqlora/sibling_projections.py).
+    sibling_projections.fuse(model)
     return tokenizer, model
 
 

@@ -12,6 +12,9 @@ Models, random init, built on the GPU in seconds (nothing is read from disk):
     gptq   every decoder Linear rounded to nearest on GPTQ's grid (4 bits, groups of 128), packed
            as a GPTQ checkpoint stores it, then GPTQLinear.prepare: PyTorch's int4 kernel (tinygemm)
 
+q/k/v and gate/up are fused into one product each where generate.py fuses them (bf16, gptq;
+--no-fuse keeps them apart), and transformers' generate runs on the same model.
+
 Rows: batch 1 (a 64-token prompt, 128 new tokens): our eager loop on the static cache, our eager
 loop on the dynamic cache (the loop before issue 16), our CUDA-graph loop cold (capture included)
 and warm (the kept graph), transformers' generate. Batch 8 and 32: eager and graph (each call captures).
@@ -46,7 +49,7 @@ import lora  # noqa: E402
 import quant  # noqa: E402
 from quant import gptq  # noqa: E402
 from quant.linear4bit import bnb  # noqa: E402
-from rawqlora import cuda_graph  # noqa: E402
+from rawqlora import cuda_graph, sibling_projections  # noqa: E402
 from rawqlora.decode import Sampling, generate, left_pad  # noqa: E402
 
 PROMPT, NEW = 64, 128  # issue 16's workload
@@ -237,6 +240,8 @@ def main():
     p.add_argument("--models", default="bf16,nf4,gptq")
     p.add_argument("--budget", type=float, default=360, help="seconds; later parts are skipped past it")
     p.add_argument("--no-compile", action="store_true", help="skip the graph + torch.compile rows")
+    p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate products "
+                   "(generate.py fuses them: rawqlora/sibling_projections.py)")
     p.add_argument("--json", default=None, help="where to write the results (default: $OUT/decode.json if OUT is set)")
     args = p.parse_args()
     if args.quick and not args.layers:
@@ -303,6 +308,9 @@ def main():
                         "gptq": lambda: to_gptq(dense)}[name]()
         log(f"built {name} in {time.perf_counter() - begin:.1f} s"
             + (f", {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated" if cuda else ""))
+    if not args.no_fuse:  # as generate.py loads them; after the others were built from the dense one
+        for name, model in models.items():
+            log(f"{name}: {sibling_projections.fuse(model)} sibling groups fused")
     vocab = dense.config.vocab_size
     prompt = random_prompts(vocab, [PROMPT], 0)
     graph_kw = dict(graph=True) if cuda else dict(cache="static", graph=False)

@@ -1,0 +1,124 @@
+"""Sibling projections as one matrix product, for decoding.
+
+Attention's q, k and v projections read the same input, and so do the SwiGLU MLP's gate and up.
+At batch 1 each projection is a matrix-vector product, bound by reading its weight, and the
+small ones read it badly: on an H200, cuBLAS reads k's and v's [1024, 4096] bf16 weights at
+1.6 TB/s and q's [4096, 4096] at 3.1, where one [6144, 4096] product runs near 4 (bench/RESULTS.md,
+issue 16). `fuse(model)` concatenates each group's weights once:
+
+    q_proj, k_proj, v_proj   ->  one [q_out + k_out + v_out, in] layer, shared by three views
+    gate_proj, up_proj       ->  one [2 · intermediate, in] layer, shared by two views
+
+Each projection becomes a `SiblingView`: called on an input x, the first view computes the whole
+group's output for x and keeps it; the others return their slice of it (for that very x; any
+other input is computed afresh, so a model that calls its projections in another order or on
+different inputs still gets the right values). The model's forward code is untouched.
+
+For inference only (the fused layer has no LoRA and is not meant to train), on models whose
+projections are plain `nn.Linear` (a merged model) or `quant.gptq.GPTQLinear` (a GPTQ
+directory: the packed codes, zeros and scales concatenate along the outputs, given one act-order
+permutation for the group). LoRA-wrapped or 4-bit bitsandbytes layers are left as they are.
+"""
+
+import torch
+from torch import nn
+
+from quant.gptq import GPTQLinear
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SiblingGroup(nn.Module):
+    """One layer computing several projections of the same input; `output(x, i)` is projection i."""
+
+    def __init__(self, fused, widths):
+        super().__init__()
+        self.fused = fused
+        self.bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        self.last = None  # (x, fused(x)) for the members that have not taken their slice yet
+
+    def output(self, x, i):
+        if self.last is None or self.last[0] is not x:
+            self.last = (x, self.fused(x))
+        y = self.last[1]
+        if i == len(self.bounds) - 2:
+            # The last member clears it: nothing is held between forwards (and a compiled step
+            # sees the same state, None, on every call).
+            self.last = None
+        return y[..., self.bounds[i] : self.bounds[i + 1]]
+
+
+class SiblingView(nn.Module):
+    """Stands where one projection was; its output is the group's slice `index`."""
+
+    def __init__(self, group, index):
+        super().__init__()
+        self.group, self.index = group, index  # `group` is shared: registered once per view, one set of tensors
+
+    def forward(self, x):
+        return self.group.output(x, self.index)
+
+
+def fused_linear(layers):
+    """One nn.Linear whose output is the layers' outputs side by side."""
+    first = layers[0]
+    bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in layers), bias=bias,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in layers]))
+        if bias:
+            fused.bias.copy_(torch.cat([m.bias for m in layers]))
+    return fused.requires_grad_(False)
+
+
+def fused_gptq(layers):
+    """One GPTQLinear: codes, zeros and scales of each layer side by side along the outputs,
+    prepared as the first layer was (the int4 kernel, a cached dense weight, or not at all)."""
+    first = layers[0]
+    bias = first.bias is not None
+    fused = GPTQLinear(first.in_features, sum(m.out_features for m in layers), bias, first.group_size,
+                       device=first.qweight.device)
+    fused.qweight = torch.cat([m.qweight for m in layers], dim=1)  # [in / 8, out]: 8 codes of a column a word
+    fused.qzeros = torch.cat([m.qzeros for m in layers], dim=1)  # [groups, out / 8]: each width is a multiple of 8
+    fused.scales = torch.cat([m.scales for m in layers], dim=1)
+    fused.g_idx = first.g_idx
+    if bias:
+        fused.bias = torch.cat([m.bias for m in layers])
+    if first.int4 is not None:
+        fused.prepare(torch.bfloat16)
+    elif first.dense is not None:
+        fused.prepare(first.dense.dtype)
+    return fused
+
+
+def fusable(layers):
+    """Whether `layers` can become one: all nn.Linear of one dtype, or all GPTQLinear of one
+    group size and act-order permutation; the same input width, the same bias or none."""
+    first = layers[0]
+    dense, packed = all(type(m) is nn.Linear for m in layers), all(isinstance(m, GPTQLinear) for m in layers)
+    if not (dense or packed) or any(m.in_features != first.in_features or (m.bias is None) != (first.bias is None)
+                                    for m in layers):
+        return False
+    if dense:
+        return len({(m.weight.dtype, m.weight.device) for m in layers}) == 1
+    return all(m.group_size == first.group_size and torch.equal(m.g_idx, first.g_idx) and m.out_features % 8 == 0
+               for m in layers)
+
+
+def fuse(model):
+    """Fuse every q/k/v and gate/up group of `model` that `fusable` allows, in place; returns how
+    many groups were fused. Call it on a model loaded for inference, before decoding; the old
+    weights are freed."""
+    count = 0
+    for parent in list(model.modules()):
+        for names in GROUPS:
+            layers = [getattr(parent, n, None) for n in names]
+            if any(m is None for m in layers) or not fusable(layers):
+                continue
+            fused = fused_linear(layers) if type(layers[0]) is nn.Linear else fused_gptq(layers)
+            group = SiblingGroup(fused, [m.out_features for m in layers])
+            for index, name in enumerate(names):
+                setattr(parent, name, SiblingView(group, index))
+            count += 1
+    return count
