@@ -49,6 +49,9 @@ def parse_args(argv):
                    help="default: the adapter's as trained (train_config.json), else nf4 on cuda, none on cpu")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="compute dtype; default: bf16 on cuda, fp32 on cpu")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--compile", action="store_true",
+                   help="CUDA: torch.compile the decode step before it is captured (tens of seconds once; "
+                        "then ~15-40%% more tokens/s: for long outputs and chat sessions)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run Python code shipped with the model (custom architectures): only for models you trust")
     p.add_argument("--debug", action="store_true", help="full tracebacks instead of one-line errors")
@@ -98,6 +101,8 @@ def resolve(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise BadInput("--device cuda, but torch sees no GPU; use --device cpu")
     on_gpu = args.device == "cuda"
+    if args.compile and not on_gpu:
+        raise BadInput("--compile compiles the CUDA-graph decode step: it needs --device cuda")
     args.gptq = gptq.is_gptq(args.model)
     if args.gptq and (args.adapter or args.quant not in (None, "none")):
         raise BadInput(f"{args.model} is a GPTQ checkpoint (already quantized): drop --adapter and --quant; "
@@ -278,7 +283,7 @@ def main(argv=None, args=None):
     pad_id = tokenizer.pad_token_id or 0
 
     def decode(batch, on_step=None):
-        return generate(model, batch, args.max_new_tokens, stops, pad_id, sampling, on_step)
+        return generate(model, batch, args.max_new_tokens, stops, pad_id, sampling, on_step, compile=args.compile)
 
     if args.chat:
         return chat(args, tokenizer, model, decode)

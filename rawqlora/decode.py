@@ -358,7 +358,8 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
         capture then warns and decodes eagerly (True raises). A batch-1 decoder with its graph
         is kept for the next call with the same settings (`cuda_graph.release(model)` frees it).
     compile: before capturing, compile the decode step with torch.compile, which fuses its
-        small kernels (norms, rotary, activations); needs graph. The first call with a new
+        small kernels (norms, rotary, activations); on CUDA, not with graph=False, and only where
+        the step is captured (graph=None skips both for short outputs). The first call with a new
         decoder pays the compile (tens of seconds for a 7B model); a kept decoder keeps it.
         Fused kernels round differently: greedy tokens can part from the eager loop's at near-ties.
     """
@@ -384,11 +385,12 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
         # reading them after that (and PyTorch requires its cache off during a capture).
         raise ValueError("graph=True needs the model on a CUDA device, the static cache, and no autocast")
     required = bool(graph)  # asked for: a failed capture is an error, not a quiet fallback
+    if compile and (graph is False or not on_cuda):
+        raise ValueError("compile=True compiles the step the CUDA graph captures: it needs graph (on CUDA)")
     if graph is None:
         graph = (on_cuda and cache == "static" and not model.training and not autocast
                  and max_new_tokens > cuda_graph.WARMUP_STEPS + GRAPH_MIN_STEPS and cuda_graph.capturable(model))
-    if compile and not graph:
-        raise ValueError("compile=True compiles the step the CUDA graph captures: it needs graph (on CUDA)")
+    compile = compile and graph  # where no graph pays (a short output), nothing is compiled either
 
     decoder = _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, compile)
     decoder.model = model

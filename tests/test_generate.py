@@ -295,6 +295,7 @@ def test_cli_adapter_matches_peft(make_model_dir, tokenizer, tmp_path, capsys):
         ["--top-p", "0.9", "hi"],  # sampling flag with greedy decoding
         ["--quant", "int8", "hi"],
         ["--raw", "--chat"],
+        ["--device", "cpu", "--compile", "hi"],
     ],
 )
 def test_cli_bad_flags_exit_2_with_one_line(make_model_dir, argv, capsys):
