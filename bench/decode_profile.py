@@ -7,7 +7,8 @@ For each model (bench/decode.py builds them: random Mistral-7B-shaped, 64-token 
 gate/up fused as generate.py does, unless --no-fuse) and each
 kind of step (captured as it is, or compiled first): one warm-up call (the capture, the compile),
 one timed call of 128 new tokens, then one profiled call. Prints the time per step, the GPU time per
-step the profile saw, and the top kernels with their time and launches per step. Writes
+step the profile saw, where the greedy tokens part from the eager loop's (if they do), and the top
+kernels with their time and launches per step. Writes
 $OUT/decode_profile.txt when OUT is set.
 """
 
@@ -62,6 +63,7 @@ def main():
         if not args.no_fuse:  # after every model was built from the dense one
             sibling_projections.fuse(model)
     for name, model in models.items():
+        eager = generate(model, prompt, NEW, cache="static", graph=False).tokens[0]
         for compile in ([True] if args.no_plain else [False, True]):
             cuda_graph.release(model)
             generate(model, prompt, NEW, graph=True, compile=compile)  # capture (and compile): kept
@@ -74,6 +76,9 @@ def main():
             say(f"\n== {name}, {'graph + compile' if compile else 'graph'}: {NEW / seconds:.1f} tok/s, "
                 f"{1e3 * out.decode_seconds / steps:.3f} ms a decode step, GPU busy {total / 1e3:.3f} ms a step "
                 f"(prefill included, spread over the steps)")
+            tokens = out.tokens[0]
+            parts = next((i for i, (a, b) in enumerate(zip(tokens, eager)) if a != b), None)
+            say(f"greedy tokens vs the eager loop's: {'equal' if parts is None else f'part at token {parts}'}")
             say(f"{'µs/step':>9} {'launches/step':>13}  kernel")
             for kernel, us, n in rows:
                 say(f"{us:9.1f} {n:13.2f}  {kernel}")

@@ -19,7 +19,8 @@ a sliding window.
     cache         dynamic    static
     prefill       eager      eager
     decode step   eager      eager for 2 steps, then captured once and replayed (when it pays;
-                             with compile=True, compiled before the capture)
+                             with compile=True, compiled before the capture, attention
+                             in its one-token form: rawqlora/decode_attention.py)
 
 Either way the loop's state lives in tensors on the model's device (`_Decoder`): the token to
 feed, its position, which rows have ended, which tokens each row has seen. Each step writes a
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from rawqlora import cuda_graph
+from rawqlora import cuda_graph, decode_attention
 from rawqlora.static_cache import StaticCache, visible_columns
 
 # On CUDA a step is captured only when at least this many steps remain after the eager
@@ -439,6 +440,9 @@ def _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, c
             # dynamic=False: the step's shapes never change. The first calls (the eager warm-up
             # steps before the capture) compile; the capture records the compiled kernels.
             decoder.run_step = torch.compile(decoder.eager_step, dynamic=False)
+            if model.config._attn_implementation == "sdpa":
+                # sdpa's one-token form, compiled with the step (rawqlora/decode_attention.py)
+                decoder.run_step = decode_attention.routed(decoder, decoder.run_step)
         if key is not None:
             cuda_graph.keep(model, key, decoder)
     return decoder

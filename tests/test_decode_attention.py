@@ -1,0 +1,77 @@
+"""rawqlora/decode_attention.py: the grouped one-token attention computes what sdpa computes."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from rawqlora import decode_attention
+from rawqlora.decode import StaticDecoder, generate
+from rawqlora.static_cache import visible_columns
+from rawqlora.tiny import tiny_model
+
+
+def test_one_token_attention_equals_sdpa_under_a_padding_mask():
+    model = tiny_model("llama", 101, seed=0, layers=1, heads=8, kv_heads=2)  # 4 query heads a KV head
+    attention = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    batch, columns, dim = 3, 11, attention.head_dim
+    query = torch.randn(batch, 8, 1, dim, generator=g)
+    key, value = (torch.randn(batch, 2, columns, dim, generator=g) for _ in range(2))
+    real = torch.ones(batch, columns, dtype=torch.bool)
+    real[1, :4] = False  # left padding
+    real[2, :9] = False
+    mask = visible_columns(real, torch.tensor([7]), torch.arange(columns))  # columns past 7 not written yet
+    ours, _ = decode_attention.one_token_attention(attention, query, key, value, mask, scaling=attention.scaling)
+    theirs, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=attention.scaling)
+    assert ours.shape == theirs.shape == (batch, 1, 8, dim)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_other_calls_go_to_sdpa():
+    model = tiny_model("llama", 101, seed=0, layers=1)
+    attention = model.model.layers[0].self_attn
+    query = torch.randn(2, 4, 5, attention.head_dim)  # five queries: a prefill
+    key = value = torch.randn(2, 2, 5, attention.head_dim)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    ours, _ = decode_attention.one_token_attention(attention, query, key, value, mask, scaling=attention.scaling)
+    theirs, _ = sdpa_attention_forward(attention, query, key, value, mask, scaling=attention.scaling)
+    assert torch.equal(ours, theirs)
+
+
+def test_model_decodes_the_same_tokens_through_it(monkeypatch):
+    # The static cache's eager decode steps (its masks, its columns) with the model's attention
+    # routed here, as a compiled CUDA step runs them, against the same decode through sdpa.
+    model = tiny_model("mistral", 101, seed=0, layers=2).eval()
+    prompts = [[5, 9, 14, 3, 77, 21], [8, 40, 2]]
+    expected = generate(model, prompts, 12, cache="static", graph=False).tokens
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[2])  # query length
+        return decode_attention.one_token_attention(*args, **kwargs)
+
+    plain_step = StaticDecoder.eager_step
+    monkeypatch.setattr(StaticDecoder, "eager_step", lambda self: decode_attention.routed(self, lambda: plain_step(self))())
+    AttentionInterface.register(decode_attention.NAME, counted)
+    try:
+        assert generate(model, prompts, 12, cache="static", graph=False).tokens == expected
+    finally:
+        AttentionInterface.register(decode_attention.NAME, decode_attention.one_token_attention)
+    assert calls == [1] * (11 * 2)  # 11 decode steps after the first token, 2 layers; the prefill stays sdpa
+    assert model.config._attn_implementation == "sdpa"  # put back
+
+
+def test_routed_puts_the_setting_back_after_an_error():
+    model = tiny_model("llama", 101, seed=0, layers=1)
+    seen = []
+
+    def step():
+        seen.append(model.config._attn_implementation)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        decode_attention.routed(SimpleNamespace(model=model), step)()
+    assert seen == [decode_attention.NAME] and model.config._attn_implementation == "sdpa"
