@@ -21,7 +21,7 @@ chunk (`ChunkedMLP`, `mlp_chunk`), so its wide intermediates never exist for the
 sequence; a recompute runs inside `recomputing()`, which lets a layer skip work whose
 only use is the (never read) layer output; and a *lean* kept layer runs inside `lean()`,
 which lets it keep a cheap recipe instead of a wide result (fast/patch.py: the SwiGLU output,
-rebuilt from the gate and up it already keeps, 28 of a 7B layer's ~118 KB per token).
+rebuilt from the gate and up it already keeps: 28 of the ~131 KB per token a 7B layer keeps).
 
 Not every layer need be checkpointed: `enable(..., checkpointed=...)` and `set_checkpointed`
 choose which; the others run plainly and keep their activations (--grad-ckpt auto picks them

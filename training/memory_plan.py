@@ -294,7 +294,7 @@ def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first"
     if result.kept < len(layers) and kept is None:
         # Memory binds: make the kept layers lean (grad_ckpt.set_lean), which costs each of them
         # one elementwise pass in backward and lets more of them fit, each saving a layer's
-        # recompute (a forward, ~25x that pass), and plan again from a second probe.
+        # recompute (a forward, ~20x that pass), and plan again from a second probe.
         grad_ckpt.set_lean(layers, True)
         leaner = plan(measure(layers, run_step, offload), len(layers), budget, unseen, placement, kept)
         if leaner.kept > result.kept:
