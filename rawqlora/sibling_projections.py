@@ -3,8 +3,9 @@
 Attention's q, k and v projections read the same input, and so do the SwiGLU MLP's gate and up.
 At batch 1 each projection is a matrix-vector product, bound by reading its weight, and the
 small ones read it badly: on an H200, cuBLAS reads k's and v's [1024, 4096] bf16 weights at
-1.6 TB/s and q's [4096, 4096] at 3.1, where one [6144, 4096] product runs near 4 (bench/RESULTS.md,
-issue 16). `fuse(model)` concatenates each group's weights once:
+1.6 TB/s and q's [4096, 4096] at 3.1, each followed by a split-K reduction, 26 µs for the three,
+where one [6144, 4096] product takes 16 µs (bench/RESULTS.md, session 6). `fuse(model)`
+concatenates each group's weights once:
 
     q_proj, k_proj, v_proj   ->  one [q_out + k_out + v_out, in] layer, shared by three views
     gate_proj, up_proj       ->  one [2 · intermediate, in] layer, shared by two views
