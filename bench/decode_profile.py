@@ -6,7 +6,7 @@
 For each model (bench/decode.py builds them: random Mistral-7B-shaped, 64-token prompt; q/k/v and
 gate/up fused as generate.py does, unless --no-fuse) and each
 kind of step (captured as it is, or compiled first): one warm-up call (the capture, the compile),
-one timed call of 128 new tokens, then one profiled call. Prints the time per step, the GPU time per
+--repeats timed calls of 128 new tokens (the median one reported), then one profiled call. Prints the time per step, the GPU time per
 step the profile saw, where the greedy tokens part from the eager loop's (if they do), and the top
 kernels with their time and launches per step. Writes
 $OUT/decode_profile.txt when OUT is set.
@@ -47,6 +47,7 @@ def main():
     p.add_argument("--layers", type=int, default=0, help="decoder layers (0: MistralConfig's 32)")
     p.add_argument("--no-plain", action="store_true", help="only the compiled step")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3, help="timed calls; the median one is reported")
     p.add_argument("--no-fuse", action="store_true", help="q/k/v and gate/up as separate products")
     args = p.parse_args()
     args.cpu = False
@@ -67,13 +68,16 @@ def main():
         for compile in ([True] if args.no_plain else [False, True]):
             cuda_graph.release(model)
             generate(model, prompt, NEW, graph=True, compile=compile)  # capture (and compile): kept
-            out, seconds = timed(lambda: generate(model, prompt, NEW, graph=True, compile=compile))
+            runs = sorted((timed(lambda: generate(model, prompt, NEW, graph=True, compile=compile))
+                           for _ in range(args.repeats)), key=lambda r: r[1])
+            out, seconds = runs[len(runs) // 2]  # the median call
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 generate(model, prompt, NEW, graph=True, compile=compile)
                 torch.cuda.synchronize()
             steps = NEW - 1
             total, rows = kernel_table(prof, steps, args.top)
-            say(f"\n== {name}, {'graph + compile' if compile else 'graph'}: {NEW / seconds:.1f} tok/s, "
+            say(f"\n== {name}, {'graph + compile' if compile else 'graph'}: {NEW / seconds:.1f} tok/s "
+                f"(median of {args.repeats} calls: {', '.join(f'{NEW / r[1]:.1f}' for r in runs)}), "
                 f"{1e3 * out.decode_seconds / steps:.3f} ms a decode step, GPU busy {total / 1e3:.3f} ms a step "
                 f"(prefill included, spread over the steps)")
             tokens = out.tokens[0]
