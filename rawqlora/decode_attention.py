@@ -22,12 +22,16 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "rawqlora_one_token"
+# Attention-function arguments some models pass that change the arithmetic (Gemma 2's logit
+# soft-capping, attention sinks, position biases): with any of them the call goes to sdpa.
+UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")
 
 
 def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention-function interface: (output [b, q, heads, d], None)."""
     batch, heads, queries, dim = query.shape
-    if queries != 1 or attention_mask is None or attention_mask.dtype != torch.bool or dropout:
+    extras = any(kwargs.get(k) is not None for k in UNHANDLED)
+    if queries != 1 or attention_mask is None or attention_mask.dtype != torch.bool or dropout or extras:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     kv_heads, columns = key.shape[1], key.shape[2]

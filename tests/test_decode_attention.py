@@ -75,3 +75,14 @@ def test_routed_puts_the_setting_back_after_an_error():
     with pytest.raises(RuntimeError):
         decode_attention.routed(SimpleNamespace(model=model), step)()
     assert seen == [decode_attention.NAME] and model.config._attn_implementation == "sdpa"
+
+
+def test_arguments_it_does_not_handle_go_to_sdpa(monkeypatch):
+    model = tiny_model("llama", 101, seed=0, layers=1)
+    attention = model.model.layers[0].self_attn
+    query, key = torch.randn(1, 4, 1, attention.head_dim), torch.randn(1, 2, 6, attention.head_dim)
+    mask = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    calls = []
+    monkeypatch.setattr(decode_attention, "sdpa_attention_forward", lambda *a, **k: calls.append(k) or (None, None))
+    decode_attention.one_token_attention(attention, query, key, key, mask, scaling=1.0, softcap=30.0)
+    assert calls and calls[0]["softcap"] == 30.0
