@@ -26,6 +26,9 @@ candidates' logits, teacher-forced, within 4 bf16 ulps: bf16 kernels that differ
 masked cache columns they read may order such a pair either way); seeded sampling draws the same
 tokens eagerly and replayed; a kept graph replays right for another prompt; and each 4-bit or
 int4 layer alone is captured and replayed bit-exactly (bitsandbytes' kernels, issue 16's question).
+Where graph and eager part at batch 8 or 32, both run again with their own logits recorded
+(`own_logits`), and the check says how far those had drifted apart, in ulps, while the two loops'
+inputs were still equal: a few ulps is rounding, more is a difference in what they compute.
 
 Prints a table; writes $OUT/decode.json (or --json PATH) when OUT is set.
 """
@@ -167,6 +170,44 @@ def compare(model, prompts, ours_tokens, ref_tokens):
         details.append(f"row {row} parts at token {k}: logit gap {gap:.3g} ({'near-tie' if tie else 'NOT a tie'}, "
                        f"tolerance {tol:.3g})")
     return dict(equal=False, ok=ok, detail="; ".join(details))
+
+
+def own_logits(model, run, forwards):
+    """run() with the last position's fp32 logits of each forward (prefill, then every step) recorded
+    on the device: a forward hook on the output head that writes row `i` of a preallocated buffer
+    and advances `i` in place, so a captured step records too. Returns (run's result, [forwards, batch, vocab])."""
+    history, i = None, torch.zeros(1, dtype=torch.long, device=model.device)
+
+    def record(module, args, out):
+        nonlocal history
+        last = out[:, -1].float()
+        if history is None:  # at prefill, eagerly: a capture never allocates here
+            history = torch.zeros(forwards, *last.shape, device=last.device)
+        history.index_copy_(0, i, last[None])
+        i.add_(1)
+
+    handle = model.get_output_embeddings().register_forward_hook(record)
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return result, history[: int(i)].cpu()
+
+
+def drift_before_parting(tokens_a, logits_a, tokens_b, logits_b):
+    """For each row where two decodes of the same prompts part: how far their own logits had drifted
+    apart while their inputs were still equal (every forward up to the one that chose the parting
+    token), in bf16 ulps of that row's top logit. A few ulps: rounding (kernels that sum in another
+    order); more: the two loops computed different things."""
+    details = []
+    for row, (a, b) in enumerate(zip(tokens_a, tokens_b)):
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None:
+            continue
+        la, lb = logits_a[: k + 1, row], logits_b[: k + 1, row]
+        drift = (la - lb).abs().max().item()
+        details.append(f"row {row} at token {k}: {drift:.3g} ({drift / bf16_ulp(la[k].max()):.1f} ulps)")
+    return "; ".join(details) or "no row parts"
 
 
 def random_prompts(vocab, lengths, seed):
@@ -409,8 +450,14 @@ def main():
         if cuda:
             replayed = repeat(lambda: ours(model, prompts, NEW, graph=True), reps["slow"])
             row(name, batch, "ours graph (cold)", replayed)
-            check(name, f"b{batch} graph == eager", replayed["tokens"] == eager["tokens"],
-                  compare(model, prompts, replayed["tokens"], eager["tokens"])["detail"])
+            detail = compare(model, prompts, replayed["tokens"], eager["tokens"])["detail"]
+            if replayed["tokens"] != eager["tokens"]:
+                # Where they part, how far apart their own logits already were (not a fresh forward's).
+                e, e_logits = own_logits(model, lambda: ours(model, prompts, NEW, cache="static", graph=False), NEW)
+                g, g_logits = own_logits(model, lambda: ours(model, prompts, NEW, graph=True), NEW)
+                detail += "; own-logit drift before parting: " + drift_before_parting(
+                    e["tokens"], e_logits, g["tokens"], g_logits)
+            check(name, f"b{batch} graph == eager", replayed["tokens"] == eager["tokens"], detail)
 
     for batch in (8, 32):
         for name, model in models.items():
