@@ -147,15 +147,23 @@ def bf16_ulp(x):
     return 2.0 ** (torch.floor(torch.log2(x.abs().clamp(min=1e-30))).item() - 7)
 
 
+def first_difference(a, b):
+    """The first position where token lists a and b differ (the shorter one's length when it is a
+    prefix of the other), or None when they are equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def compare(model, prompts, ours_tokens, ref_tokens):
     """'equal', or where each row parts and whether at a near-tie (both candidates within 4 bf16 ulps)."""
     if ours_tokens == ref_tokens:
         return dict(equal=True, ok=True, detail="equal")
     details, ok = [], True
     for row, (prompt, a, b) in enumerate(zip(prompts, ours_tokens, ref_tokens)):
-        if a == b:
+        k = first_difference(a, b)
+        if k is None:
             continue
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         if k >= min(len(a), len(b)):
             details.append(f"row {row}: lengths {len(a)} vs {len(b)}")
             ok = False
@@ -201,8 +209,8 @@ def drift_before_parting(tokens_a, logits_a, tokens_b, logits_b):
     order); more: the two loops computed different things."""
     details = []
     for row, (a, b) in enumerate(zip(tokens_a, tokens_b)):
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if k is None:
+        k = first_difference(a, b)
+        if k is None or k >= min(len(a), len(b)):  # equal, or one stopped early: no parting token
             continue
         la, lb = logits_a[: k + 1, row], logits_b[: k + 1, row]
         drift = (la - lb).abs().max().item()

@@ -4,12 +4,11 @@
     python bench/decode_profile.py --models bf16 --no-plain
 
 For each model (bench/decode.py builds them: random Mistral-7B-shaped, 64-token prompt; q/k/v and
-gate/up fused as generate.py does, unless --no-fuse) and each
-kind of step (captured as it is, or compiled first): one warm-up call (the capture, the compile),
---repeats timed calls of 128 new tokens (the median one reported), then one profiled call. Prints the time per step, the GPU time per
-step the profile saw, where the greedy tokens part from the eager loop's (if they do), and the top
-kernels with their time and launches per step. Writes
-$OUT/decode_profile.txt when OUT is set.
+gate/up fused as generate.py does, unless --no-fuse) and each kind of step (captured as it is, or
+compiled first): one warm-up call (the capture, the compile), --repeats timed calls of 128 new
+tokens (the median one reported), then one profiled call. Prints the time per step, the GPU time
+per step the profile saw, where the greedy tokens part from the eager loop's (if they do), and the
+top kernels with their time and launches per step. Writes $OUT/decode_profile.txt when OUT is set.
 """
 
 import argparse
@@ -24,7 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decode import NEW, PROMPT, build_dense, random_prompts, timed, to_gptq  # noqa: E402 (bench/decode.py)
+from decode import (NEW, PROMPT, build_dense, first_difference, random_prompts, timed,  # noqa: E402 (bench/decode.py)
+                    to_gptq)
 from rawqlora import cuda_graph, sibling_projections  # noqa: E402
 from rawqlora.decode import generate  # noqa: E402
 
@@ -80,8 +80,7 @@ def main():
                 f"(median of {args.repeats} calls: {', '.join(f'{NEW / r[1]:.1f}' for r in runs)}), "
                 f"{1e3 * out.decode_seconds / steps:.3f} ms a decode step, GPU busy {total / 1e3:.3f} ms a step "
                 f"(prefill included, spread over the steps)")
-            tokens = out.tokens[0]
-            parts = next((i for i, (a, b) in enumerate(zip(tokens, eager)) if a != b), None)
+            parts = first_difference(out.tokens[0], eager)
             say(f"greedy tokens vs the eager loop's: {'equal' if parts is None else f'part at token {parts}'}")
             say(f"{'µs/step':>9} {'launches/step':>13}  kernel")
             for kernel, us, n in rows:

@@ -35,45 +35,38 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-_recomputing = False
+class _Mark:
+    """A process-wide mark, on for the duration of a `with mark():` block (nested blocks restore it)."""
+
+    def __init__(self):
+        self.on = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        previous, self.on = self.on, True
+        try:
+            yield
+        finally:
+            self.on = previous
 
 
-@contextlib.contextmanager
-def recomputing():
-    """Marks a checkpoint's recompute: outputs are rebuilt only for what backward saves."""
-    global _recomputing
-    previous, _recomputing = _recomputing, True
-    try:
-        yield
-    finally:
-        _recomputing = previous
+# Marks a checkpoint's recompute: outputs are rebuilt only for what backward saves.
+recomputing = _Mark()
+# Marks the forward of a kept layer that should save less and rebuild more in backward (`set_lean`).
+lean = _Mark()
 
 
 def is_recomputing():
     """True inside a layer's recompute. There the layer's output is never read (backward
     needs only the saved tensors), so a layer may skip work whose only use is that output:
     fast/patch.py skips the MLP's last projection."""
-    return _recomputing
-
-
-_lean = False
-
-
-@contextlib.contextmanager
-def lean():
-    """Marks the forward of a kept layer that should save less and rebuild more in backward."""
-    global _lean
-    previous, _lean = _lean, True
-    try:
-        yield
-    finally:
-        _lean = previous
+    return recomputing.on
 
 
 def is_lean():
     """True inside a lean kept layer's forward (`set_lean`). Never inside a checkpoint: there
     PyTorch's own saved-tensor hooks must see every tensor the recompute saves."""
-    return _lean
+    return lean.on
 
 
 def random_state(device):
