@@ -35,8 +35,10 @@ keep-rate is q and the bits are independent in practice, neighbouring seeds' mas
 one seed the masks differ from PEFT's, which torch's dropout (the reference, and the fast path
 with kernels off) reproduces exactly.
 
-Products run in fp32 on the tensor cores (tf32): x and g_a are bf16, so exact in tf32; A is
-rounded to tf32 (10 mantissa bits, finer than the bf16 that the kernels-off path casts it to).
+Products run in x's dtype with fp32 accumulation, A cast to that dtype first, as the kernels-off
+path casts it (bf16 training: bf16 tensor-core products, x_d and g_a exact in bf16; fp32: tf32).
+Why not tf32 throughout: fp32 operands double the registers and shared memory every tile of x
+passes through on its way to the tensor cores, for no precision the kernels-off path has.
 tests/test_lora_kernels.py runs both kernels (Triton's CPU interpreter where there is no GPU)
 against the formulas above in plain PyTorch, with the masks rebuilt from the hash.
 """
@@ -56,15 +58,24 @@ def keep_scale(p):
     return 2**16 / (2**16 - keep_threshold(p))
 
 
-# Tiles of x, BN rows x BK columns (fp32 in registers). Each backward program walks ROWS rows
-# of one column block, keeping its members' slices of A and dA in registers, and writes one
-# partial dA per member that the host sums (no atomics: the sum is deterministic). Backward
-# tiles by member count, each member adding two [R, BK] blocks of registers: the fastest of
-# sweeps on an H100 at 16k tokens (bench/kernel_tiles.py; figures in bench/RESULTS.md).
-FORWARD_TILE = dict(BN=64, BK=128, num_warps=4)
-BACKWARD_TILE = {1: dict(BN=32, BK=256, ROWS=1024, num_warps=4),
-                 2: dict(BN=32, BK=256, ROWS=1024, num_warps=4),
-                 3: dict(BN=32, BK=64, ROWS=1024, num_warps=4)}
+# Tiles of x, BN rows x BK columns. Each backward program walks ROWS rows of one column block,
+# keeping its members' slices of A and dA in registers, and writes one partial dA per member
+# that the host sums (no atomics: the sum is deterministic). The fastest of sweeps on an H200
+# at 16k tokens with bf16 products (bench/kernel_tiles.py, run T1 in bench/RESULTS.md): one
+# forward tile for every member count; backward tiles by member count, the single-member one
+# chosen over both of its widths (o's 4096, down's 14336).
+FORWARD_TILE = dict(BN=32, BK=128, num_warps=4)
+BACKWARD_TILE = {1: dict(BN=16, BK=128, ROWS=1024, num_warps=4),
+                 2: dict(BN=16, BK=128, ROWS=1024, num_warps=4),
+                 3: dict(BN=16, BK=256, ROWS=1024, num_warps=4)}
+
+
+def _fp32_products(x):
+    """Whether the kernels convert their operands to fp32 before the products: for fp32 x (tf32 on
+    the tensor cores), and off CUDA, where Triton's CPU interpreter (the tests) multiplies bf16
+    operands as if they were integers (triton 3.9). The values are the same: products of bf16
+    numbers are exact in fp32, and A is rounded to x's dtype before either."""
+    return x.dtype == torch.float32 or x.device.type != "cuda"
 
 
 def _padded_rank(r):
@@ -72,7 +83,8 @@ def _padded_rank(r):
 
 
 def dropout_a_forward(x, lora_a, seed, p, members=1):
-    """a = (x ⊙ m / q) Aᵀ for x [N, in] (any float dtype), A [r, in]; returns a in x's dtype.
+    """a = (x ⊙ m / q) Aᵀ for x [N, in] (any float dtype), A [r, in] (cast to x's dtype); returns a
+    in x's dtype.
 
     `members` > 1: A stacks that many adapters' A [r, in] over one input (fast/siblings.py),
     member j with the mask of seed + j; a [N, members · r] holds their products side by side.
@@ -84,8 +96,10 @@ def dropout_a_forward(x, lora_a, seed, p, members=1):
     # members on the fastest grid axis: the programs that read one block of x run together,
     # so x comes from DRAM once and from L2 for the other members.
     grid = (members, triton.cdiv(n, FORWARD_TILE["BN"]))
-    _forward_kernel[grid](x, lora_a.contiguous(), a, n, seed, keep_threshold(p), keep_scale(p),
-                          K=k, R=r, R_PAD=_padded_rank(r), MEMBERS=members, **FORWARD_TILE)
+    lora_a = lora_a.to(x.dtype).contiguous()  # products in x's dtype (module docstring)
+    _forward_kernel[grid](x, lora_a, a, n, seed, keep_threshold(p), keep_scale(p),
+                          K=k, R=r, R_PAD=_padded_rank(r), MEMBERS=members, FP32_PRODUCTS=_fp32_products(x),
+                          **FORWARD_TILE)
     return a
 
 
@@ -98,16 +112,17 @@ def dropout_a_backward(x, g_a, lora_a, dx, seed, p, members=1):
     """
     if not 1 <= members <= 3:
         raise ValueError(f"the backward kernel takes 1 to 3 adapters over one input, got {members}")
-    x, g_a = x.contiguous(), g_a.contiguous()
+    x = x.contiguous()
+    g_a, lora_a = g_a.to(x.dtype).contiguous(), lora_a.to(x.dtype).contiguous()  # products in x's dtype
     n, k = x.shape
     r = lora_a.shape[0] // members
     tile = BACKWARD_TILE[members]
     splits = triton.cdiv(n, tile["ROWS"])
     partial = torch.empty(members, splits, r, k, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(k, tile["BK"]), splits)
-    _backward_kernel[grid](x, g_a, lora_a.contiguous(), x if dx is None else dx, partial, n, seed,
+    _backward_kernel[grid](x, g_a, lora_a, x if dx is None else dx, partial, n, seed,
                            keep_threshold(p), keep_scale(p), K=k, R=r, R_PAD=_padded_rank(r), MEMBERS=members,
-                           HAS_DX=dx is not None, **tile)
+                           HAS_DX=dx is not None, FP32_PRODUCTS=_fp32_products(x), **tile)
     return partial.sum(1).reshape(members * r, k)
 
 
@@ -135,7 +150,8 @@ if triton is not None:
 
     @triton.jit
     def _forward_kernel(x_ptr, a_ptr, out_ptr, n_rows, seed, threshold, scale, K: tl.constexpr, R: tl.constexpr,
-                        R_PAD: tl.constexpr, MEMBERS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        R_PAD: tl.constexpr, MEMBERS: tl.constexpr, FP32_PRODUCTS: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr):
         member = tl.program_id(0)
         seed += member
         a_ptr += member * R * K
@@ -147,10 +163,12 @@ if triton is not None:
             cols = k0 + tl.arange(0, BK)
             inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
             x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=inside, other=0.0)
-            x = tl.where(_keep(rows, k0, seed, threshold, BN, BK), x.to(tl.float32), 0.0)
-            a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],  # Aᵀ block [BK, R_PAD]
+            x = tl.where(_keep(rows, k0, seed, threshold, BN, BK), x, tl.zeros_like(x))
+            a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],  # Aᵀ block [BK, R_PAD], x's dtype
                           mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
-            acc += tl.dot(x, a_t.to(tl.float32))
+            if FP32_PRODUCTS:
+                x, a_t = x.to(tl.float32), a_t.to(tl.float32)
+            acc += tl.dot(x, a_t)
         out = (acc * scale).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * (MEMBERS * R) + ranks[None, :], out,
                  mask=(rows[:, None] < n_rows) & (ranks[None, :] < R))
@@ -158,14 +176,16 @@ if triton is not None:
     @triton.jit
     def _member_backward(x, dx, d_a, a, ga_ptr, rows, col0, n_rows, seed, threshold, scale, member: tl.constexpr,
                          MEMBERS: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, HAS_DX: tl.constexpr):
+                         BK: tl.constexpr, HAS_DX: tl.constexpr, FP32_PRODUCTS: tl.constexpr):
         """Member `member`'s terms on one block of rows: d_a += g_aᵀ (x ⊙ m) (the 1/q comes at
         the store) and dx += (g_a A) ⊙ m / q, both from one computation of its mask."""
         ranks = tl.arange(0, R_PAD)
         keep = _keep(rows, col0, seed + member, threshold, BN, BK)
         g_a = tl.load(ga_ptr + rows.to(tl.int64)[:, None] * (MEMBERS * R) + member * R + ranks[None, :],
-                      mask=(rows[:, None] < n_rows) & (ranks[None, :] < R), other=0.0).to(tl.float32)
-        d_a += tl.dot(tl.trans(g_a), tl.where(keep, x, 0.0))
+                      mask=(rows[:, None] < n_rows) & (ranks[None, :] < R), other=0.0)
+        if FP32_PRODUCTS:
+            g_a = g_a.to(tl.float32)
+        d_a += tl.dot(tl.trans(g_a), tl.where(keep, x, tl.zeros_like(x)))
         if HAS_DX:
             dx += tl.where(keep, tl.dot(g_a, a), 0.0) * scale
         return d_a, dx
@@ -173,7 +193,8 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(x_ptr, ga_ptr, a_ptr, dx_ptr, partial_ptr, n_rows, seed, threshold, scale,
                          K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, MEMBERS: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, HAS_DX: tl.constexpr):
+                         BN: tl.constexpr, BK: tl.constexpr, ROWS: tl.constexpr, HAS_DX: tl.constexpr,
+                         FP32_PRODUCTS: tl.constexpr):
         # Up to three members (q, k, v), each with its A block and dA accumulator in registers;
         # the blocks of absent members are never used and compile away.
         col0 = tl.program_id(0) * BK
@@ -182,9 +203,11 @@ if triton is not None:
         ranks = tl.arange(0, R_PAD)
         a_block = a_ptr + ranks[:, None] * K + cols[None, :]
         a_mask = (ranks[:, None] < R) & (cols[None, :] < K)
-        a0 = tl.load(a_block, mask=a_mask, other=0.0).to(tl.float32)
-        a1 = tl.load(a_block + R * K, mask=a_mask & (MEMBERS > 1), other=0.0).to(tl.float32)
-        a2 = tl.load(a_block + 2 * R * K, mask=a_mask & (MEMBERS > 2), other=0.0).to(tl.float32)
+        a0 = tl.load(a_block, mask=a_mask, other=0.0)  # x's dtype, as are g_a's loads
+        a1 = tl.load(a_block + R * K, mask=a_mask & (MEMBERS > 1), other=0.0)
+        a2 = tl.load(a_block + 2 * R * K, mask=a_mask & (MEMBERS > 2), other=0.0)
+        if FP32_PRODUCTS:
+            a0, a1, a2 = a0.to(tl.float32), a1.to(tl.float32), a2.to(tl.float32)
         d_a0 = tl.zeros((R_PAD, BK), tl.float32)
         d_a1 = tl.zeros((R_PAD, BK), tl.float32)
         d_a2 = tl.zeros((R_PAD, BK), tl.float32)
@@ -192,18 +215,20 @@ if triton is not None:
             rows = split * ROWS + r0 + tl.arange(0, BN)
             inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
             offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
-            x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + offsets, mask=inside, other=0.0)
+            if FP32_PRODUCTS:
+                x = x.to(tl.float32)
             dx = tl.zeros((BN, BK), tl.float32)
             if HAS_DX:
                 dx = tl.load(dx_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             d_a0, dx = _member_backward(x, dx, d_a0, a0, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 0,
-                                        MEMBERS, R, R_PAD, BN, BK, HAS_DX)
+                                        MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
             if MEMBERS > 1:
                 d_a1, dx = _member_backward(x, dx, d_a1, a1, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 1,
-                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX)
+                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
             if MEMBERS > 2:
                 d_a2, dx = _member_backward(x, dx, d_a2, a2, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 2,
-                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX)
+                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
             if HAS_DX:
                 tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         # partial [MEMBERS, splits, R, K]

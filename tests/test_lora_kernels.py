@@ -17,7 +17,7 @@ from test_grad_ckpt import lora_grads
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # fp32 end to end: the interpreter's products are fp32 (reordering only: 1e-5); on a GPU the
-# kernels' products are tf32 (A rounded to 10 bits: ~5e-4 per product, less over a sum).
+# kernels' fp32 products are tf32 (A rounded to 10 bits: ~5e-4 per product, less over a sum).
 FP32_BOUND = 2e-3 if DEVICE.type == "cuda" else 1e-5
 UINT32 = 0xFFFFFFFF
 
@@ -75,15 +75,17 @@ def test_kernels_equal_plain_formulas(n, k, r, p, dtype, members):
     masks = [keep_mask(seed + j, n, k, p).to(DEVICE) for j in range(members)]
     x_d = [x.double() * m * keep_scale(p) for m in masks]
     rows = [slice(j * r, (j + 1) * r) for j in range(members)]
+    a_used = lora_a.to(dtype).double()  # the kernels' products run in x's dtype, A cast to it
 
     a = kernels.dropout_a_forward(x, lora_a, seed, p, members=members)
-    a_ref = torch.cat([x_d[j] @ lora_a[rows[j]].double().t() for j in range(members)], dim=1)
-    dx_ref = dx.double() + sum((g_a[:, rows[j]].double() @ lora_a[rows[j]].double()) * masks[j] * keep_scale(p)
+    a_ref = torch.cat([x_d[j] @ a_used[rows[j]].t() for j in range(members)], dim=1)
+    dx_ref = dx.double() + sum((g_a[:, rows[j]].double() @ a_used[rows[j]]) * masks[j] * keep_scale(p)
                                for j in range(members))
     d_a_ref = torch.cat([g_a[:, rows[j]].double().t() @ x_d[j] for j in range(members)])
     d_a = kernels.dropout_a_backward(x, g_a, lora_a, dx, seed, p, members=members)
     # fp32: the interpreter's fp32 products (1e-6); on a GPU tf32 rounds A to 10 bits (5e-4).
-    # bf16: the outputs a and dx are rounded to bf16 (8 bits: 4e-3 per element).
+    # bf16: products of bf16 values, exact in the fp32 accumulator; the outputs a and dx are
+    # rounded to bf16 (8 bits: 4e-3 per element).
     bound = 1e-2 if dtype == torch.bfloat16 else 1e-3
     assert a.dtype == dtype and rel_err(a, a_ref) < bound
     assert d_a.dtype == torch.float32 and rel_err(d_a, d_a_ref) < 1e-3
