@@ -11,8 +11,9 @@ A row is SEQxBATCH[:SYSTEM[:KEY=VALUE...]]. Keys: ckpt=on|auto|off (gradient che
 the stack takes on|off), and for ckpt=auto budget=GiB (0: the free memory; a budget also caps
 the process there with torch.cuda.set_per_process_memory_fraction, so a plan that overshoots
 fails as it would on a card of that size), place=first|last|spread (which layers are
-checkpointed: training/memory_plan.py) and keep=N (keep N layers whatever the budget, to
-measure the plan's peak formula). --grad-ckpt, --memory-budget, --ckpt-place and
+checkpointed: training/memory_plan.py), keep=N (keep N layers whatever the budget, to
+measure the plan's peak formula) and dense=on|off (whether room left goes to dequantized 4-bit
+weights, fast/dense_weights.py; on, as in train.py). --grad-ckpt, --memory-budget, --ckpt-place and
 --stack-grad-ckpt set the defaults.
 
 The seeds' stack: transformers + bitsandbytes + PEFT + HF Trainer, paged_adamw_32bit,
@@ -124,7 +125,8 @@ def plan_layers(model, seq, batch, args):
     unseen = memory_plan.unseen_bytes([p for p in model.parameters() if p.requires_grad], args.optim)
     return memory_plan.apply(model.get_decoder().layers, run_step, budget=int(args.memory_budget * 2**30),
                              unseen=unseen, offload=args.system == "rawqlora-offload", placement=args.ckpt_place,
-                             kept=None if args.keep < 0 else args.keep)
+                             kept=None if args.keep < 0 else args.keep,
+                             dense_dtype=torch.bfloat16 if args.dense == "on" else None)
 
 
 def seed_stack_steps(model, seq, batch, n, grad_ckpt=True):
@@ -306,14 +308,14 @@ def longest_sequence(model, system, steps, start=2048, lengths=()):
 # ------------------------------------------------------------------------------------------
 # Driver.
 # ------------------------------------------------------------------------------------------
-ROW_KEYS = {"ckpt": "grad_ckpt", "budget": "memory_budget", "place": "ckpt_place", "keep": "keep"}
+ROW_KEYS = {"ckpt": "grad_ckpt", "budget": "memory_budget", "place": "ckpt_place", "keep": "keep", "dense": "dense"}
 
 
 def row_options(system, options, ns):
     """A row's checkpointing settings: its KEY=VALUE options over the command line's defaults."""
     stack = system == "seed-stack"
     settings = dict(grad_ckpt=ns.stack_grad_ckpt if stack else ns.grad_ckpt, memory_budget=ns.memory_budget,
-                    ckpt_place=ns.ckpt_place, keep=-1)
+                    ckpt_place=ns.ckpt_place, keep=-1, dense="on")
     for option in filter(None, options.split(":")):
         key, _, value = option.partition("=")
         if key not in ROW_KEYS:
@@ -332,7 +334,7 @@ def run_worker(system, seq, batch, model_dir, ns, max_seq=False, decode=False, o
            "--mlp-chunk", str(ns.mlp_chunk), "--max-seq-from", str(ns.max_seq_from),
            "--max-seq-lengths", ns.max_seq_lengths, "--grad-ckpt", settings["grad_ckpt"],
            "--memory-budget", str(settings["memory_budget"]), "--ckpt-place", settings["ckpt_place"],
-           "--keep", str(settings["keep"])] + (["--no-fused"] if ns.no_fused else []) \
+           "--keep", str(settings["keep"]), "--dense", settings["dense"]] + (["--no-fused"] if ns.no_fused else []) \
         + (["--max-seq"] if max_seq else []) + (["--decode"] if decode else []) \
         + (["--profile", f"{ns.profile}.{system}.{seq}x{batch}.txt"] if ns.profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -394,6 +396,7 @@ def main():
     p.add_argument("--batch", type=int)
     p.add_argument("--model-dir")
     p.add_argument("--keep", type=int, default=-1)
+    p.add_argument("--dense", choices=["on", "off"], default="on")
     ns = p.parse_args()
     if ns.worker:
         return worker(ns)

@@ -19,7 +19,9 @@ lora/layer.py, which is what runs without the fast path):
     Here the base GEMM adds onto the LoRA term in place (`addmm_`, beta = 1), and
     backward saves only x_d (x itself when p = 0), the mask and the small `a`.
   * the 4-bit weight is dequantized once in forward and once in backward, and neither
-    dequantized copy is kept: saving it would cost 2 bytes per weight per layer.
+    dequantized copy is saved for backward: that would cost 2 bytes per weight per layer for as
+    long as the layer's activations live. (Where the memory plan has room to spare, every
+    layer's dequantized weights are kept for the whole run instead: fast/dense_weights.py.)
   * with dropout the mask is kept as bits (1/16 of x_d's size, fast/ops.py), and layers
     whose input is shared (`shared_input`: q, k and v read the same normed x, so do gate and
     up) keep x itself rather than x_d and rebuild x_d in backward (one fused pass): one saved
@@ -44,6 +46,7 @@ Which LoRA layers run this, and when they hand back to their own forward, is wri
 import torch
 from torch import nn
 
+import fast.dense_weights as dense_weights
 import fast.dropout_kernels as kernels
 import fast.state as state
 from fast.ops import add_masked_, apply_mask, kernel, pack_mask
@@ -77,9 +80,11 @@ def training_dropout(layer):
 
 
 def dense_weight(base, dtype):
-    """W [out, in] in `dtype`: dequantized for a 4-bit base, the weight itself for a dense one."""
+    """W [out, in] in `dtype`: for a 4-bit base its kept dense copy (fast/dense_weights.py) or a
+    new dequantization, for a dense one the weight itself."""
     if isinstance(base, Linear4bit):
-        return dequantize(base, dtype)
+        copy = dense_weights.kept(base, dtype)
+        return dequantize(base, dtype) if copy is None else copy
     return base.weight.to(dtype)  # no copy when the dtype matches
 
 

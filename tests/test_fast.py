@@ -24,9 +24,9 @@ import torch
 import fast
 import lora
 import quant
-from fast import lora_function, ops, siblings
+from fast import dense_weights, lora_function, ops, siblings
 from fast.patch import fast_lora
-from training import grad_ckpt
+from training import grad_ckpt, memory_plan
 
 TOL = 1e-5  # see the module docstring
 
@@ -152,3 +152,50 @@ def test_enable_swaps_instances_once(make_model_dir):
     shared = {name.rsplit(".", 1)[-1]: fast_lora(m).shared_input for name, m in lora.lora_modules(model).items()}
     assert shared == dict(q_proj=True, k_proj=True, v_proj=True, o_proj=False, gate_proj=True, up_proj=True,
                           down_proj=False)
+
+
+def test_kept_dense_weights_train_bit_for_bit_the_same(make_model_dir, monkeypatch):
+    # fast/dense_weights.py keeps what dequantize returns, so the steps are equal bit for bit, and
+    # with every layer's copy kept no dequantization runs in the step at all.
+    _, faster = reference_and_fast(make_model_dir, "mistral", nf4=True, dropout=0.1)
+    _, kept = reference_and_fast(make_model_dir, "mistral", nf4=True, dropout=0.1)  # the same model again
+    layers = kept.get_decoder().layers
+    dense_weights.keep(layers, torch.float32)
+    bases = [b for layer in layers for b in dense_weights.fast_4bit_bases(layer)]
+    assert len(bases) == 7 * len(layers)  # every projection, fast and 4-bit
+    logits, loss, grads = step(faster, ids())
+    calls = []
+    monkeypatch.setattr(lora_function, "dequantize", lambda *a: calls.append(1))
+    kept_logits, kept_loss, kept_grads = step(kept, ids())
+    assert not calls
+    assert torch.equal(kept_logits, logits) and torch.equal(kept_loss, loss)
+    assert all(torch.equal(kept_grads[k], grads[k]) for k in grads)
+
+
+def test_memory_plan_spends_the_room_left_on_dense_weights(make_model_dir):
+    # On the CPU the probe reads saved tensors only (P1 = 0): a budget for every kept layer plus
+    # the dense copies of exactly one layer keeps one; less room keeps none.
+    _, faster = reference_and_fast(make_model_dir, "mistral", nf4=True, dropout=0.1)
+    layers = faster.get_decoder().layers
+    grad_ckpt.enable(layers)
+
+    def run_step():
+        step(faster, ids())
+        faster.zero_grad(set_to_none=True)
+
+    c = memory_plan.measure(layers, run_step).per_layer
+    one = dense_weights.nbytes(layers[0], torch.float32)
+    activations = (len(layers) - 1) * c  # the top layer comes free (memory_plan.plan)
+
+    def plan_for(room):
+        for base in (b for layer in layers for b in dense_weights.fast_4bit_bases(layer)):
+            base.__dict__.pop("dense_copy", None)
+        return memory_plan.apply(layers, run_step, budget=int((activations + room) / 0.9) + 1,
+                                 dense_dtype=torch.float32)
+
+    p = plan_for(one + one // 2)
+    assert p.kept == len(layers) and p.dense == 1 and p.dense_bytes == one
+    assert dense_weights.kept(dense_weights.fast_4bit_bases(layers[0])[0], torch.float32) is not None
+    assert dense_weights.kept(dense_weights.fast_4bit_bases(layers[1])[0], torch.float32) is None
+    assert p.predicted_peak == activations + one and "kept dequantized" in p.summary()
+    assert plan_for(one - 1).dense == 0

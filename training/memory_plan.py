@@ -18,7 +18,8 @@ and `plan` keeps the largest n whose peak fits in (1 - FRAGMENTATION) x the budg
 defaults to all the GPU memory this process could have once the model is loaded
 (`default_budget`). When not every layer fits, a second probe measures c with the kept layers
 lean (training/grad_ckpt.py `set_lean`: c smaller by the SwiGLU output) and that plan is taken
-if it keeps more layers.
+if it keeps more layers. Room still left after the kept layers goes to dequantized copies of
+the 4-bit weights (fast/dense_weights.py), layer by layer.
 
 Measured, not derived from a formula: what a layer saves depends on the model, the speed
 layer (fast/ saves 2.3x less than the reference), dropout, the attention kernel and the
@@ -30,6 +31,7 @@ import dataclasses
 
 import torch
 
+from fast import dense_weights
 from training import grad_ckpt
 
 # The plan counts allocated bytes (what max_memory_allocated reports); the GPU must hold what
@@ -63,6 +65,8 @@ class Plan:
     predicted_peak: int  # bytes allocated at the step's peak, by the formula above
     measurement: Measurement
     lean: bool = False  # kept layers rebuild their SwiGLU output in backward (grad_ckpt.set_lean)
+    dense: int = 0  # layers whose 4-bit weights are kept dequantized (fast/dense_weights.py)
+    dense_bytes: int = 0  # what those copies hold, included in predicted_peak
 
     def summary(self):
         m, gib, first = self.measurement, 2**30, self.layers - self.kept
@@ -73,7 +77,9 @@ class Plan:
                 f"measured {m.peak / gib:.2f} GiB peak with one kept, {m.per_layer / gib:.3f} GiB per kept layer; "
                 f"predicted peak {self.predicted_peak / gib:.2f} GiB of a {self.budget / gib:.2f} GiB budget "
                 f"({FRAGMENTATION:.0%} of it left to the allocator)"
-                + ("; kept layers lean (SwiGLU output rebuilt in backward)" if self.lean else ""))
+                + ("; kept layers lean (SwiGLU output rebuilt in backward)" if self.lean else "")
+                + (f"; the 4-bit weights of {self.dense} layers kept dequantized ({self.dense_bytes / gib:.2f} GiB)"
+                   if self.dense else ""))
 
     def as_dict(self):
         d = dataclasses.asdict(self)
@@ -279,10 +285,24 @@ def measure(layers, run_step, offload=False):
                        layer_input=input_bytes)
 
 
-def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first", kept=None):
+def with_dense_weights(result, layers, dtype):
+    """`result` with as many layers' 4-bit weights kept dequantized in `dtype` as the room its
+    kept layers leave holds (fast/dense_weights.py: activations first, these with the rest)."""
+    per_layer = dense_weights.nbytes(layers[0], dtype)
+    room = int(result.budget * (1 - FRAGMENTATION)) - result.predicted_peak
+    if per_layer == 0 or room < per_layer:
+        return result
+    n = min(len(layers), room // per_layer)
+    dense_weights.keep(layers[:n], dtype)
+    return dataclasses.replace(result, dense=n, dense_bytes=n * per_layer,
+                               predicted_peak=result.predicted_peak + n * per_layer)
+
+
+def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first", kept=None, dense_dtype=None):
     """Measure, plan, and checkpoint the plan's layers from the next step on; returns the Plan.
     `budget` in bytes; on CUDA 0 means default_budget (read before the probe), and a larger one
-    is cut to it."""
+    is cut to it. `dense_dtype` (the compute dtype): spend what room is left on dequantized
+    4-bit weights (`with_dense_weights`); None keeps none."""
     device = next(layers[0].parameters()).device
     if device.type == "cuda":
         available = default_budget(device)
@@ -302,4 +322,6 @@ def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first"
         else:
             grad_ckpt.set_lean(layers, False)
     grad_ckpt.set_checkpointed(layers, result.checkpointed)
+    if dense_dtype is not None:
+        result = with_dense_weights(result, layers, dense_dtype)
     return result

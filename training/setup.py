@@ -71,6 +71,7 @@ def fit_memory(cfg, model, rows, batch_of, step, device, resumed):
     trainable = [p for p in model.parameters() if p.requires_grad]
     plan = memory_plan.apply(model.get_decoder().layers, lambda: probe(cfg.batch_size),
                              budget=int(cfg.memory_budget * 2**30), offload=cfg.offload_activations,
-                             unseen=memory_plan.unseen_bytes(trainable, cfg.optim, cfg.grad_accum))
+                             unseen=memory_plan.unseen_bytes(trainable, cfg.optim, cfg.grad_accum),
+                             dense_dtype=quant.DTYPES[cfg.dtype])
     say(plan.summary())
     return plan
