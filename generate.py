@@ -87,7 +87,7 @@ import torch  # noqa: E402
 
 import lora  # noqa: E402
 import quant  # noqa: E402
-from quant import gptq  # noqa: E402
+from quant import gptq_checkpoint  # noqa: E402
 from rawqlora import sibling_projections  # noqa: E402
 from rawqlora.decode import Sampling, generate, stop_ids  # noqa: E402
 from training.data import CHATML_TEMPLATE, chat_prompt_ids  # noqa: E402
@@ -103,7 +103,7 @@ def resolve(args):
     on_gpu = args.device == "cuda"
     if args.compile and not on_gpu:
         raise BadInput("--compile compiles the CUDA-graph decode step: it needs --device cuda")
-    args.gptq = gptq.is_gptq(args.model)
+    args.gptq = gptq_checkpoint.is_gptq(args.model)
     if args.gptq and (args.adapter or args.quant not in (None, "none")):
         raise BadInput(f"{args.model} is a GPTQ checkpoint (already quantized): drop --adapter and --quant; "
                        "merge the adapter first (merge.py --quantize gptq)")
@@ -170,7 +170,7 @@ def load(args):
         print("note: the tokenizer has no chat template; using ChatML (--raw sends text as is)", file=sys.stderr)
         tokenizer.chat_template = CHATML_TEMPLATE
     if args.gptq:
-        model = gptq.load_gptq(args.model, device=args.device, dtype=quant.DTYPES[args.dtype],
+        model = gptq_checkpoint.load_gptq(args.model, device=args.device, dtype=quant.DTYPES[args.dtype],
                                trust_remote_code=args.trust_remote_code)
     else:
         model = quant.load_model(args.model, quant=None if args.quant == "none" else args.quant,

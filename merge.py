@@ -109,7 +109,7 @@ import lora  # noqa: E402
 import quant  # noqa: E402
 from lora.adapter import read_adapter  # noqa: E402  (config + tensors, with PEFT-format checks)
 from lora.inject import resolve_targets  # noqa: E402
-from quant import gptq  # noqa: E402
+import quantize  # noqa: E402
 from training import data  # noqa: E402
 
 
@@ -348,7 +348,7 @@ def write_nf4(merged, out, plan, args):
 def write_gptq(merged, out, plan, args):
     """The merged model `merged` as a GPTQ checkpoint in `out`, calibrated on --calibration (else the
     adapter's training data)."""
-    gptq.quantize_directory(merged, out, args.calibration or plan.trained.data, samples=args.calibration_samples,
+    quantize.quantize_directory(merged, out, args.calibration or plan.trained.data, samples=args.calibration_samples,
                             seq_len=args.calibration_len, group_size=args.group_size, act_order=args.act_order,
                             tokenizer_dir=merged, trust_remote_code=args.trust_remote_code)
 

@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 import lora  # noqa: E402
 import quant  # noqa: E402
 from quant import gptq  # noqa: E402
+from quant.gptq_checkpoint import GPTQLinear  # noqa: E402
 from quant.linear4bit import bnb  # noqa: E402
 from rawqlora import cuda_graph, sibling_projections  # noqa: E402
 from rawqlora.decode import Sampling, generate, left_pad  # noqa: E402
@@ -109,7 +110,7 @@ def to_gptq(dense):
         linear = model.get_submodule(name)
         # Round-to-nearest on GPTQ's grid: the same format and kernel as GPTQ's codes, without calibration.
         q = gptq.rtn_quantize(linear.weight.data.float(), group_size=128)
-        layer = gptq.GPTQLinear.from_quantized(q, linear.bias)
+        layer = GPTQLinear.from_quantized(q, linear.bias)
         layer.prepare(torch.bfloat16)  # CUDA bf16: the int4 kernel; elsewhere a cached dense weight
         model.set_submodule(name, layer)
     return model.eval()
@@ -260,7 +261,7 @@ def layer_capture_checks(hidden, intermediate, device):
     wrapped = lora.LoRALinear(quant.quantize_weight(dense_w, "nf4", True), r=16, alpha=16).eval()
     nn.init.normal_(wrapped.lora_B.weight, std=1e-3)
     q = gptq.rtn_quantize(dense_w.float(), group_size=128)
-    int4 = gptq.GPTQLinear.from_quantized(q)
+    int4 = GPTQLinear.from_quantized(q)
     int4.prepare(torch.bfloat16)
     state = nf4.weight.quant_state
     for m in (1, 8, 32):

@@ -10,7 +10,7 @@ Shapes (N outputs, K inputs) of a Mistral-7B-shaped model: q/o 4096x4096, k/v 10
 
 Variants, for y = x Ŵᵀ with x [M, K] bf16:
     bf16      F.linear(x, W), W [N, K] bf16: cuBLAS
-    tinygemm  quant/gptq.py's GPTQLinear, prepared on CUDA in bf16: torch.ops.aten._weight_int4pack_mm
+    tinygemm  quant/gptq_checkpoint.py's GPTQLinear, prepared on CUDA in bf16: torch.ops.aten._weight_int4pack_mm
     triton    bench/int4_gemv.py's kernel (autotuned on its first call of each shape)
     compile   the same packed weight through a torch.compile'd plain formula (unpack, dequantize,
               multiply, sum): whether Inductor's generated reduction beats tinygemm. M = 1 only.
@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from quant import gptq  # noqa: E402
+from quant.gptq_checkpoint import GPTQLinear  # noqa: E402
 import int4_gemv as ig  # noqa: E402 (bench/int4_gemv.py)
 
 SHAPES = [  # (name, N, K); the fused ones are also measured at M = 8
@@ -146,7 +147,7 @@ def prepare_shape(n, k, device, seed):
     w = (torch.randn(n, k, device=device, generator=g) * 0.02).to(torch.bfloat16)
     q = gptq.rtn_quantize(w.float(), group_size=GROUP)
     packed = ig.pack(q.codes, q.scales.T, q.zeros.T, GROUP)
-    layer = gptq.GPTQLinear.from_quantized(q)
+    layer = GPTQLinear.from_quantized(q)
     layer.prepare(torch.bfloat16)  # CUDA: tinygemm's int4 layout; CPU: a dense weight (no tinygemm)
     same = torch.equal(ig.dequantize(packed), layer.dequantize())  # our packing vs the checkpoint's own unpacking
     del q

@@ -2,12 +2,12 @@
 
 An experiment for issue 16, kept with bench/gemv.py, which measures it; the library does not use it.
 On the H200 (bench/RESULTS.md, session 6) it read 0.94-1.23 TB/s at M = 1, below tinygemm's 1.28-1.91
-(PyTorch's `_weight_int4pack_mm`, which quant/gptq.py keeps), and far below at M = 8.
+(PyTorch's `_weight_int4pack_mm`, which quant/gptq_checkpoint.py keeps), and far below at M = 8.
 
     w = pack(codes, scales, zeros, group)   codes int [N, K] in [0, 16), scales / zeros [N, K/g]
     y = int4_gemv(x, w)                     x [..., K] (bf16, fp16 or fp32; a few rows) -> [..., N], x's dtype
     int4_gemv_reference(x, w)               the same in plain PyTorch: dequantize to fp32, matmul
-    from_gptq_linear(layer)                 a quant/gptq.py GPTQLinear's weight, packed
+    from_gptq_linear(layer)                 a quant/gptq_checkpoint.py GPTQLinear's weight, packed
 
 The weight, our GPTQ convention (z already holds the +1 that the checkpoint's qzeros lack):
 
@@ -164,8 +164,8 @@ def int4_gemv_reference(x, w):
 
 
 def from_gptq_linear(layer):
-    """The weight of a quant.gptq.GPTQLinear as an Int4Weight (groups in column order, no act-order)."""
-    from quant.gptq import unpack  # the checkpoint's bit order
+    """The weight of a quant.gptq_checkpoint.GPTQLinear as an Int4Weight (groups in column order, no act-order)."""
+    from quant.gptq_checkpoint import unpack  # the checkpoint's bit order
 
     ordered = torch.arange(layer.in_features, device=layer.g_idx.device) // layer.group_size
     if not torch.equal(layer.g_idx.long(), ordered):

@@ -16,7 +16,7 @@ other input is computed afresh, so a model that calls its projections in another
 different inputs still gets the right values). The model's forward code is untouched.
 
 For inference only (the fused layer has no LoRA and is not meant to train), on models whose
-projections are plain `nn.Linear` (a merged model) or `quant.gptq.GPTQLinear` (a GPTQ
+projections are plain `nn.Linear` (a merged model) or `quant.gptq_checkpoint.GPTQLinear` (a GPTQ
 directory: the packed codes, zeros and scales concatenate along the outputs, given one act-order
 permutation for the group). LoRA-wrapped or 4-bit bitsandbytes layers are left as they are.
 """
@@ -24,7 +24,7 @@ permutation for the group). LoRA-wrapped or 4-bit bitsandbytes layers are left a
 import torch
 from torch import nn
 
-from quant.gptq import GPTQLinear
+from quant.gptq_checkpoint import GPTQLinear
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

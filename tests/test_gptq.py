@@ -1,4 +1,4 @@
-"""GPTQ (quant/gptq.py) against references that share none of its code.
+"""GPTQ (quant/gptq.py, quant/gptq_checkpoint.py, quantize.py) against references that share none of its code.
 
 - format: a dequantizer written here from the AutoGPTQ v1 description (int32 nibbles, lowest
   first; zeros stored minus one; g_idx) reads the written checkpoint back to the quantizer's Ŵ,
@@ -27,7 +27,8 @@ from torch import nn
 from transformers import AutoTokenizer
 
 import quant
-from quant import gptq
+import quantize
+from quant import gptq, gptq_checkpoint
 from rawqlora import cli
 from rawqlora.decode import generate, stop_ids
 
@@ -75,7 +76,7 @@ def test_pack_bit_order_by_hand():
     codes[0] = torch.arange(1, 9)
     q = gptq.QuantizedWeight(codes, torch.ones(1, 8, dtype=torch.float16), torch.full((1, 8), 8, dtype=torch.int32),
                              torch.zeros(8, dtype=torch.int32))
-    layer = gptq.GPTQLinear.from_quantized(q)
+    layer = gptq_checkpoint.GPTQLinear.from_quantized(q)
     assert layer.qweight.dtype == torch.int32 and layer.qweight.shape == (1, 8)
     assert layer.qweight[0, 0].item() == 0x87654321 - 2**32
     assert layer.qzeros.tolist() == [[0x77777777]]  # zero 8, stored as 7 in every nibble (format v1)
@@ -114,16 +115,16 @@ def default_gptq(tmp_path_factory):
     calib = d / "calibration.txt"
     calib.write_text("\n\n".join(" ".join(rng.sample(lines, 4)) for _ in range(300)) + "\n")
     held_out = [" ".join(rng.sample(lines, 4)) for _ in range(256)]
-    results = gptq.quantize_directory(DEFAULT_MODEL, d / "out", calib, samples=32, seq_len=256, group_size=group,
+    results = quantize.quantize_directory(DEFAULT_MODEL, d / "out", calib, samples=32, seq_len=256, group_size=group,
                                       device="cpu")
     return d / "out", results, group, held_out
 
 
 def dense_copy(model):
     """The same model with every GPTQLinear replaced by an nn.Linear holding read_linear's Ŵ."""
-    tensors = {f"{n}.{k}": v for n, m in model.named_modules() if isinstance(m, gptq.GPTQLinear)
+    tensors = {f"{n}.{k}": v for n, m in model.named_modules() if isinstance(m, gptq_checkpoint.GPTQLinear)
                for k, v in m.state_dict().items()}
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, gptq.GPTQLinear)]:
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, gptq_checkpoint.GPTQLinear)]:
         dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
         dense.weight.data = read_linear(tensors, name).to(m.dense.dtype)
         model.set_submodule(name, dense)
@@ -140,7 +141,7 @@ def test_checkpoint_reads_back_to_the_intended_weights(group_size, act_order, ma
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"Fact {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(40)))
     out = tmp_path / "out"
-    results = gptq.quantize_directory(model_dir, out, calib, samples=8, seq_len=64, group_size=group_size,
+    results = quantize.quantize_directory(model_dir, out, calib, samples=8, seq_len=64, group_size=group_size,
                                       act_order=act_order, device="cpu")
     tensors = read_checkpoint(out)
     assert len(results) == 7  # q k v o gate up down
@@ -169,7 +170,7 @@ def test_biases_and_experts_round_trip(arch, make_model_dir, tmp_path):
     model_dir = make_model_dir(arch)
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"Fact {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(40)))
-    results = gptq.quantize_directory(model_dir, tmp_path / "out", calib, samples=8, seq_len=64, group_size=32,
+    results = quantize.quantize_directory(model_dir, tmp_path / "out", calib, samples=8, seq_len=64, group_size=32,
                                       device="cpu")
     tensors = read_checkpoint(tmp_path / "out")
     dense = quant.load_model(model_dir, quant=None, compute_dtype=torch.float32, device="cpu").state_dict()
@@ -183,8 +184,8 @@ def test_biases_and_experts_round_trip(arch, make_model_dir, tmp_path):
         assert "model.layers.0.block_sparse_moe.gate.weight" in tensors  # the router, dense
     else:
         assert "model.layers.0.self_attn.q_proj.bias" in tensors
-    model = gptq.load_gptq(tmp_path / "out", "cpu", torch.float32)
-    assert sum(isinstance(m, gptq.GPTQLinear) for m in model.modules()) == len(results)
+    model = gptq_checkpoint.load_gptq(tmp_path / "out", "cpu", torch.float32)
+    assert sum(isinstance(m, gptq_checkpoint.GPTQLinear) for m in model.modules()) == len(results)
 
 
 # ----------------------------------------------------------------------------- algorithm
@@ -280,7 +281,7 @@ def test_perplexity_bf16_gptq_rtn(default_gptq):
         if type(m) is nn.Linear:
             m.weight.data = gptq.rtn_quantize(m.weight.data, group_size=group).weight
     ppl_rtn = perplexity(reference, tokenizer, held_out)
-    ppl_gptq = perplexity(gptq.load_gptq(out, "cpu", torch.float32), tokenizer, held_out)
+    ppl_gptq = perplexity(gptq_checkpoint.load_gptq(out, "cpu", torch.float32), tokenizer, held_out)
     closed = (ppl_rtn - ppl_gptq) / (ppl_rtn - ppl_bf16)
     print(f"perplexity bf16 {ppl_bf16:.5f}  GPTQ {ppl_gptq:.5f}  RTN {ppl_rtn:.5f}  (GPTQ closes {closed:.0%} of the gap)")
     assert ppl_bf16 < ppl_rtn and ppl_gptq < ppl_rtn
@@ -299,13 +300,13 @@ def test_load_gptq_greedy_equals_dense_dequantized(default_gptq):
     tokenizer = AutoTokenizer.from_pretrained(out)
     prompts = [tokenizer(p)["input_ids"] for p in ["The capital of France is", "A cow says", "The opposite of hot"]]
     for dtype in (torch.float32, torch.bfloat16):
-        model = gptq.load_gptq(out, "cpu", dtype)
-        assert sum(isinstance(m, gptq.GPTQLinear) for m in model.modules()) == 28
+        model = gptq_checkpoint.load_gptq(out, "cpu", dtype)
+        assert sum(isinstance(m, gptq_checkpoint.GPTQLinear) for m in model.modules()) == 28
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompts[0]])).logits
         got = generate(model, prompts, max_new_tokens=12, stop_ids=[tokenizer.eos_token_id]).tokens
         dense = dense_copy(model)
-        assert not any(isinstance(m, gptq.GPTQLinear) for m in dense.modules())
+        assert not any(isinstance(m, gptq_checkpoint.GPTQLinear) for m in dense.modules())
         with torch.no_grad():
             assert torch.equal(dense(input_ids=torch.tensor([prompts[0]])).logits, logits)
         assert generate(dense, prompts, max_new_tokens=12, stop_ids=[tokenizer.eos_token_id]).tokens == got
@@ -320,7 +321,7 @@ def test_int4_layout_through_the_kernels_cpu_twin():
     W = torch.randn(64, 256, generator=g) * 0.05
     X = correlated_inputs(256, 400, seed=5).float()
     q = gptq.gptq_quantize_layer(W, 2 / len(X) * X.T @ X, group_size=64, act_order=True)
-    layer = gptq.GPTQLinear.from_quantized(q)
+    layer = gptq_checkpoint.GPTQLinear.from_quantized(q)
     codes, perm, scales_and_zeros = layer.tinygemm_layout()
     assert perm is not None  # act-order: the columns are regrouped
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
@@ -355,7 +356,7 @@ BAD = [
 def test_bad_input_is_one_line(row_id, template, phrase, bad_inputs, capsys):
     d, narrow = bad_inputs
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(gptq.main, template.format(d=d, narrow=narrow).split())
+        cli.run(quantize.main, template.format(d=d, narrow=narrow).split())
     lines = capsys.readouterr().err.splitlines()
     assert exit_info.value.code == 2
     assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], lines
@@ -364,14 +365,14 @@ def test_bad_input_is_one_line(row_id, template, phrase, bad_inputs, capsys):
 
 @pytest.fixture(scope="module", autouse=True)
 def already_quantized_run(tmp_path_factory):
-    """`python -m quant.gptq` on a directory whose config.json says it is quantized, started as a real
+    """`python quantize.py` on a directory whose config.json says it is quantized, started as a real
     subprocess before the module's first test so that its imports (~8 s) overlap the other tests."""
     d = tmp_path_factory.mktemp("quantized")
     config = json.loads((DEFAULT_MODEL / "config.json").read_text())
-    config["quantization_config"] = gptq.quantization_config(128, False)
+    config["quantization_config"] = gptq_checkpoint.quantization_config(128, False)
     (d / "model").mkdir()
     (d / "model" / "config.json").write_text(json.dumps(config))
-    cmd = [sys.executable, "-m", "quant.gptq", "--model", str(d / "model"), "--out", str(d / "o"),
+    cmd = [sys.executable, "quantize.py", "--model", str(d / "model"), "--out", str(d / "o"),
            "--calibration", str(DEFAULT_DATA)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)
@@ -402,12 +403,12 @@ def test_transformers_with_gptqmodel_loads_the_checkpoint(act_order, make_model_
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(f"Fact {i}: the quick brown fox jumps over {i} lazy dogs." for i in range(40)))
     out = tmp_path / "out"
-    gptq.quantize_directory(model_dir, out, calib, samples=8, seq_len=64, group_size=32, act_order=act_order,
+    quantize.quantize_directory(model_dir, out, calib, samples=8, seq_len=64, group_size=32, act_order=act_order,
                             device="cpu")
     # backend="torch": gptqmodel's plain PyTorch kernel, whose dequantize_weight() we can read.
     theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16,
                                                   quantization_config=GPTQConfig(bits=4, backend="torch"))
-    ours = gptq.load_gptq(out, "cpu", torch.float32)
+    ours = gptq_checkpoint.load_gptq(out, "cpu", torch.float32)
     layers = [(n, m) for n, m in theirs.named_modules() if hasattr(m, "qweight") and hasattr(m, "dequantize_weight")]
     assert len(layers) == 14
     for name, m in layers:
@@ -436,7 +437,7 @@ def test_merge_quantize_gptq_then_generate(make_model_dir, tmp_path, capsys):
     merge.main(["--adapter", str(adapter), "--out", str(out), "--dtype", "fp32", "--no-gap", "--quantize", "gptq",
                 "--calibration", str(calibration), "--calibration-samples", "8", "--calibration-len", "32",
                 "--group-size", "32"])
-    assert gptq.is_gptq(out.with_name("merged-gptq")) and not gptq.is_gptq(out)
+    assert gptq_checkpoint.is_gptq(out.with_name("merged-gptq")) and not gptq_checkpoint.is_gptq(out)
     config = json.loads((out.with_name("merged-gptq") / "config.json").read_text())["quantization_config"]
     assert {k: config[k] for k in ("bits", "group_size", "sym", "desc_act")} == dict(bits=4, group_size=32, sym=True,
                                                                                   desc_act=False)
@@ -444,7 +445,7 @@ def test_merge_quantize_gptq_then_generate(make_model_dir, tmp_path, capsys):
     prompt = "The capital of France is"
     generate_cli.main(["--model", str(out.with_name("merged-gptq")), "--raw", "--max-new-tokens", "8", prompt])
     printed = capsys.readouterr().out
-    model = gptq.load_gptq(out.with_name("merged-gptq"), device="cpu", dtype=torch.float32)
+    model = gptq_checkpoint.load_gptq(out.with_name("merged-gptq"), device="cpu", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(out.with_name("merged-gptq"))
     ids = generate(model, [tokenizer(prompt)["input_ids"]], 8, stop_ids(tokenizer, model)).tokens[0]
     assert printed == tokenizer.decode(ids, skip_special_tokens=True) + "\n"

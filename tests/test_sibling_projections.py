@@ -8,6 +8,7 @@ from torch import nn
 
 import lora
 from quant import gptq
+from quant.gptq_checkpoint import GPTQLinear
 from rawqlora import sibling_projections
 from rawqlora.decode import generate
 from rawqlora.tiny import tiny_model
@@ -50,7 +51,7 @@ def gptq_siblings():
     torch.manual_seed(0)
     for name, width in [("gate_proj", 24), ("up_proj", 24)]:
         q = gptq.rtn_quantize(torch.randn(width, 64), group_size=32)
-        layer = gptq.GPTQLinear.from_quantized(q)
+        layer = GPTQLinear.from_quantized(q)
         layer.prepare(torch.float32)
         setattr(parent, name, layer)
     return parent
