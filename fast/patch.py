@@ -19,6 +19,7 @@ fast forwards run Triton kernels and torch.compile's fusions on CUDA (fast/state
 
 import contextvars
 import sys
+import types
 
 import torch
 
@@ -54,19 +55,24 @@ def _swapped(module):
 
 
 def _fast_forward(forward):
+    """Mark `forward`, a function of (module, *inputs), as one of the fast forwards `_install` binds."""
     forward.rawqlora_fast = True
     return forward
 
 
-def _fused_norm_forward(norm):
-    plain = norm.forward
+def _install(module, forward):
+    """Give `module` the fast `forward`, bound to it as a method, and keep the forward it had.
+    Bound, not a closure over `module`: copy.deepcopy of the model then binds the copy's forward
+    to the copied module, where a closure would go on computing with the original's weights."""
+    module._forward_before_fast = module.forward
+    module.forward = types.MethodType(forward, module)
 
-    def forward(hidden_states):
-        if state.is_inference(norm):
-            return plain(hidden_states)
-        return RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
 
-    return _fast_forward(forward)
+@_fast_forward
+def _fused_norm_forward(norm, hidden_states):
+    if state.is_inference(norm):
+        return norm._forward_before_fast(hidden_states)
+    return RMSNormFunction.apply(hidden_states, norm.weight, norm.variance_epsilon)
 
 
 def _rebuilt_in_backward(t, rebuild):
@@ -87,30 +93,26 @@ def _rebuilt_in_backward(t, rebuild):
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _fused_mlp_forward(mlp):
-    plain = mlp.forward
-
-    def forward(x):
-        if state.is_inference(mlp):
-            return plain(x)
-        pair = (mlp.gate_proj, mlp.up_proj)
-        gate_up = run_together(pair, x) if all(map(fast_lora, pair)) else None
-        gate, up = gate_up or (mlp.gate_proj(x), mlp.up_proj(x))
-        h = SwiGLUFunction.apply(gate, up)
-        if is_recomputing() and fast_lora(mlp.down_proj):
-            # In these decoder layers the MLP's output only feeds the residual add, which is
-            # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
-            # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
-            return mlp.down_proj(h, output_needed=False)
-        if is_lean() and fast_lora(mlp.down_proj):
-            # A lean kept layer (training/grad_ckpt.py): down_proj's backward gets h = silu(g)·u
-            # rebuilt from g and u, which SwiGLU's backward keeps anyway, instead of keeping h
-            # (intermediate-size wide: the largest tensor a kept layer would hold alone).
-            with _rebuilt_in_backward(h, lambda: _swiglu_value(gate, up)):
-                return mlp.down_proj(h)
-        return mlp.down_proj(h)
-
-    return _fast_forward(forward)
+@_fast_forward
+def _fused_mlp_forward(mlp, x):
+    if state.is_inference(mlp):
+        return mlp._forward_before_fast(x)
+    pair = (mlp.gate_proj, mlp.up_proj)
+    gate_up = run_together(pair, x) if all(map(fast_lora, pair)) else None
+    gate, up = gate_up or (mlp.gate_proj(x), mlp.up_proj(x))
+    h = SwiGLUFunction.apply(gate, up)
+    if is_recomputing() and fast_lora(mlp.down_proj):
+        # In these decoder layers the MLP's output only feeds the residual add, which is
+        # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
+        # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
+        return mlp.down_proj(h, output_needed=False)
+    if is_lean() and fast_lora(mlp.down_proj):
+        # A lean kept layer (training/grad_ckpt.py): down_proj's backward gets h = silu(g)·u
+        # rebuilt from g and u, which SwiGLU's backward keeps anyway, instead of keeping h
+        # (intermediate-size wide: the largest tensor a kept layer would hold alone).
+        with _rebuilt_in_backward(h, lambda: _swiglu_value(gate, up)):
+            return mlp.down_proj(h)
+    return mlp.down_proj(h)
 
 
 def _swiglu_value(gate, up):
@@ -140,30 +142,26 @@ def _install_rotary_dispatch(modeling):
     modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
 
 
-def _fused_attention_forward(attention):
-    plain = attention.forward
-    _install_rotary_dispatch(sys.modules[type(attention).__module__])
-
-    def forward(*args, **kwargs):
-        if state.is_inference(attention):
-            return plain(*args, **kwargs)
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        fast = [fast_lora(p) for p in projections]
-        # q, k and v as one (fast/siblings.py): the attention then calls each projection on
-        # this same hidden_states, and each hands back its share (FastLoRAForward.precomputed).
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        outputs = run_together(projections, x) if all(fast) else None
-        for forward_of, y in zip(fast, outputs or ()):
-            forward_of.precomputed = (x, y)
-        token = _rotary_fused_here.set(True)
-        try:
-            return plain(*args, **kwargs)
-        finally:
-            _rotary_fused_here.reset(token)
-            for forward_of in fast if outputs is not None else ():
-                forward_of.precomputed = None  # never kept past this call, taken or not
-
-    return _fast_forward(forward)
+@_fast_forward
+def _fused_attention_forward(attention, *args, **kwargs):
+    plain = attention._forward_before_fast
+    if state.is_inference(attention):
+        return plain(*args, **kwargs)
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    fast = [fast_lora(p) for p in projections]
+    # q, k and v as one (fast/siblings.py): the attention then calls each projection on
+    # this same hidden_states, and each hands back its share (FastLoRAForward.precomputed).
+    x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    outputs = run_together(projections, x) if all(fast) else None
+    for forward_of, y in zip(fast, outputs or ()):
+        forward_of.precomputed = (x, y)
+    token = _rotary_fused_here.set(True)
+    try:
+        return plain(*args, **kwargs)
+    finally:
+        _rotary_fused_here.reset(token)
+        for forward_of in fast if outputs is not None else ():
+            forward_of.precomputed = None  # never kept past this call, taken or not
 
 
 def is_swiglu_mlp(module):
@@ -193,11 +191,12 @@ def enable(model, compile=True):
         if isinstance(module, LoRALinear):
             module.forward = FastLoRAForward(module, name.rsplit(".", 1)[-1] in SHARED_INPUT_NAMES)
         elif type(module).__name__ in FUSABLE_NORMS:
-            module.forward = _fused_norm_forward(module)
+            _install(module, _fused_norm_forward)
         elif is_swiglu_mlp(module):
-            module.forward = _fused_mlp_forward(module)
+            _install(module, _fused_mlp_forward)
         elif type(module).__name__ in FUSABLE_ATTENTIONS:
-            module.forward = _fused_attention_forward(module)
+            _install_rotary_dispatch(sys.modules[type(module).__module__])
+            _install(module, _fused_attention_forward)
         else:
             continue
         swapped += 1

@@ -199,3 +199,21 @@ def test_memory_plan_spends_the_room_left_on_dense_weights(make_model_dir):
     assert dense_weights.kept(dense_weights.fast_4bit_bases(layers[1])[0], torch.float32) is None
     assert p.predicted_peak == activations + one and "kept dequantized" in p.summary()
     assert plan_for(one - 1).dense == 0
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["fast", "fast+checkpointed"])
+def test_a_deep_copy_computes_with_its_own_weights(make_model_dir, checkpointed):
+    # fast.enable and grad_ckpt.enable bind their forwards to each module as methods, so a deep
+    # copy's forwards are bound to the copy. (Closures over the modules, as they were, left the
+    # copy computing its norms, MLPs and attention with the original's weights.)
+    _, faster = reference_and_fast(make_model_dir, "mistral", nf4=False, dropout=0.0)
+    if checkpointed:  # every wrapper grad_ckpt has: offloaded checkpoints, chunked MLPs
+        grad_ckpt.enable(faster.get_decoder().layers, offload=True, mlp_chunk=8)
+    twin = copy.deepcopy(faster)
+    logits, loss, grads = step(faster, ids())
+    with torch.no_grad():
+        for p in faster.parameters():
+            p.mul_(1.5)
+    twin_logits, twin_loss, twin_grads = step(twin, ids())
+    assert torch.equal(twin_logits, logits) and torch.equal(twin_loss, loss)
+    assert grads.keys() == twin_grads.keys() and all(torch.equal(twin_grads[k], grads[k]) for k in grads)

@@ -29,7 +29,7 @@ under a memory budget: training/memory_plan.py).
 """
 
 import contextlib
-import functools
+import types
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -132,8 +132,12 @@ class HostParking:
     """Parks layer inputs on the host; links each to the one parked just before it (layer i-1)."""
 
     def __init__(self, device):
+        self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.last = None  # (layer index, ParkedInput) most recently parked
+
+    def __deepcopy__(self, memo):
+        return HostParking(self.device)  # a copied model parks its own inputs, on its own stream
 
     def park(self, index, x):
         previous = self.last[1] if self.last is not None and self.last[0] == index - 1 else None
@@ -211,18 +215,26 @@ class ChunkedMLP(torch.autograd.Function):
         return (dx, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
-def chunk_mlp(mlp, chunk, when=lambda: True):
+def chunk_mlp(mlp, chunk):
     """Route `mlp`'s training forward through ChunkedMLP when a batch holds more than `chunk`
-    tokens and `when()` holds (enable passes "my layer is checkpointed")."""
-    plain = mlp.forward
+    tokens and `mlp._chunks_on` (True here; enable keeps it equal to "my layer is checkpointed").
+    The forward is bound to `mlp` as a method, as `enable`'s is to its layer (see there)."""
+    mlp._chunk, mlp._chunks_on = chunk, True
+    mlp._forward_before_chunks = mlp.forward
+    mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)
 
-    @functools.wraps(plain)
-    def forward(x):
-        if not mlp.training or x[..., 0].numel() <= chunk or not when():
-            return plain(x)
-        return ChunkedMLP.apply(x, plain, chunk, *[p for p in mlp.parameters() if p.requires_grad])
 
-    mlp.forward = forward
+def _chunked_mlp_forward(mlp, x):
+    plain = mlp._forward_before_chunks
+    if not mlp.training or x[..., 0].numel() <= mlp._chunk or not mlp._chunks_on:
+        return plain(x)
+    return ChunkedMLP.apply(x, plain, mlp._chunk, *[p for p in mlp.parameters() if p.requires_grad])
+
+
+def _checkpoint_layer(layer, on):
+    layer._checkpointed = on
+    if hasattr(layer.mlp, "_chunks_on"):  # MLP chunks are a recompute: checkpointed layers only
+        layer.mlp._chunks_on = on
 
 
 def enable(layers, offload=False, mlp_chunk=0, checkpointed=None):
@@ -244,25 +256,28 @@ def enable(layers, offload=False, mlp_chunk=0, checkpointed=None):
     for index, layer in enumerate(layers):
         if getattr(layer, "_plain_forward", None) is not None:
             continue  # already enabled
-        layer._checkpointed = checkpointed is None or index in checkpointed
-        layer._lean = False
         if mlp_chunk > 0:
-            chunk_mlp(layer.mlp, mlp_chunk, when=lambda _layer=layer: _layer._checkpointed)
+            chunk_mlp(layer.mlp, mlp_chunk)
+        _checkpoint_layer(layer, checkpointed is None or index in checkpointed)
+        layer._lean = False
+        layer._parking, layer._index = parking, index
         layer._plain_forward = layer.forward
+        # Bound to the layer as a method, not a closure over it: copy.deepcopy of the model then
+        # binds the copy's forward to the copied layer instead of the original's weights.
+        layer.forward = types.MethodType(_layer_forward, layer)
 
-        @functools.wraps(layer._plain_forward)
-        def forward(hidden_states, *args, _layer=layer, _index=index, **kwargs):
-            if not _layer.training or not _layer._checkpointed:
-                with lean() if _layer._lean and _layer.training else contextlib.nullcontext():
-                    return _layer._plain_forward(hidden_states, *args, **kwargs)
-            if parking is not None:
-                params = [p for p in _layer.parameters() if p.requires_grad]
-                return OffloadedCheckpoint.apply(
-                    hidden_states, lambda x: _layer._plain_forward(x, *args, **kwargs), parking, _index, *params)
-            return checkpoint(_layer._plain_forward, hidden_states, *args, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), recomputing()), **kwargs)
 
-        layer.forward = forward
+def _layer_forward(layer, hidden_states, *args, **kwargs):
+    """A decoder layer's forward under `enable`: checkpointed (offloaded when it has a parking) or kept."""
+    if not layer.training or not layer._checkpointed:
+        with lean() if layer._lean and layer.training else contextlib.nullcontext():
+            return layer._plain_forward(hidden_states, *args, **kwargs)
+    if layer._parking is not None:
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return OffloadedCheckpoint.apply(hidden_states, lambda x: layer._plain_forward(x, *args, **kwargs),
+                                         layer._parking, layer._index, *params)
+    return checkpoint(layer._plain_forward, hidden_states, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), recomputing()), **kwargs)
 
 
 def set_checkpointed(layers, checkpointed):
@@ -272,7 +287,7 @@ def set_checkpointed(layers, checkpointed):
     for index, layer in enumerate(layers):
         if getattr(layer, "_plain_forward", None) is None:
             raise ValueError(f"layer {index} was never passed to grad_ckpt.enable")
-        layer._checkpointed = checkpointed is None or index in checkpointed
+        _checkpoint_layer(layer, checkpointed is None or index in checkpointed)
 
 
 def set_lean(layers, on):
