@@ -288,14 +288,17 @@ def measure(layers, run_step, offload=False):
 def with_dense_weights(result, layers, dtype):
     """`result` with as many layers' 4-bit weights kept dequantized in `dtype` as the room its
     kept layers leave holds (fast/dense_weights.py: activations first, these with the rest)."""
-    per_layer = dense_weights.nbytes(layers[0], dtype)
     room = int(result.budget * (1 - FRAGMENTATION)) - result.predicted_peak
-    if per_layer == 0 or room < per_layer:
+    n = used = 0
+    for layer in layers:  # in order, each layer's own size (layers need not be alike)
+        need = dense_weights.nbytes(layer, dtype)
+        if need == 0 or used + need > room:
+            break
+        n, used = n + 1, used + need
+    if n == 0:
         return result
-    n = min(len(layers), room // per_layer)
     dense_weights.keep(layers[:n], dtype)
-    return dataclasses.replace(result, dense=n, dense_bytes=n * per_layer,
-                               predicted_peak=result.predicted_peak + n * per_layer)
+    return dataclasses.replace(result, dense=n, dense_bytes=used, predicted_peak=result.predicted_peak + used)
 
 
 def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first", kept=None, dense_dtype=None):
