@@ -233,8 +233,9 @@ def _chunked_mlp_forward(mlp, x):
 
 def _checkpoint_layer(layer, on):
     layer._checkpointed = on
-    if hasattr(layer.mlp, "_chunks_on"):  # MLP chunks are a recompute: checkpointed layers only
-        layer.mlp._chunks_on = on
+    mlp = getattr(layer, "mlp", None)  # chunked by enable(mlp_chunk=...), if at all
+    if hasattr(mlp, "_chunks_on"):  # MLP chunks are a recompute: checkpointed layers only
+        mlp._chunks_on = on
 
 
 def enable(layers, offload=False, mlp_chunk=0, checkpointed=None):
