@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from rawqlora.errors import BadInput
 
-BITS = 4  # the only width the checkpoint kernels (and this file) pack
+BITS = 4  # the only width the checkpoint format and its kernels take (quant/gptq_checkpoint.py)
 GROUP_SIZES = (32, 64, 128)
 DAMP = 0.01  # of the mean Hessian diagonal
 BLOCK = 128  # columns per lazy batch: the paper's choice, a multiple of every group size
