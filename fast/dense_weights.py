@@ -37,6 +37,13 @@ def keep(layers, dtype):
             base.dense_copy = dequantize(base, dtype)
 
 
+def drop(layers):
+    """Free the copies `keep` made for `layers`."""
+    for layer in layers:
+        for base in fast_4bit_bases(layer):
+            base.__dict__.pop("dense_copy", None)
+
+
 def kept(base, dtype):
     """`base`'s kept dense weight in `dtype`, or None."""
     copy = getattr(base, "dense_copy", None)

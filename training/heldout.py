@@ -30,6 +30,7 @@ import torch
 from rawqlora.decode import generate, stop_ids
 from training.data import chat_prompt_ids
 
+
 def load_questions(path):
     """The questions of a JSON-lines file: a list of {"question": str, "answer": str}."""
     questions = []

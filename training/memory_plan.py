@@ -313,6 +313,7 @@ def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first"
     elif not budget:
         raise ValueError("a memory budget is needed off CUDA (no free-memory figure to default to)")
     grad_ckpt.set_lean(layers, False)
+    dense_weights.drop(layers)  # the probe measures without them; the plan then spends the room anew
     result = plan(measure(layers, run_step, offload), len(layers), budget, unseen, placement, kept)
     if result.kept < len(layers) and kept is None:
         # Memory binds: make the kept layers lean (grad_ckpt.set_lean), which costs each of them
