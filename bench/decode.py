@@ -26,12 +26,8 @@ candidates' logits, teacher-forced, within 4 bf16 ulps: bf16 kernels that differ
 masked cache columns they read may order such a pair either way); seeded sampling draws the same
 tokens eagerly and replayed; a kept graph replays right for another prompt; and each 4-bit or
 int4 layer alone is captured and replayed bit-exactly (bitsandbytes' kernels, issue 16's question).
-At batch 8 and 32 the eager loop runs twice, each run recording its own logits (`own_logits`): where
-those two part, the kernels themselves differ from run to run. Where graph and eager part, the graph runs
-again with its logits recorded too, and the check says how far the two loops' own logits had drifted
-apart, in ulps, while their inputs were still equal: a few ulps is rounding, more is a difference in
-what they compute. (On the H200 in session 7 that recording failed the graph's capture; the check
-then says so and goes on.)
+At batch 8 and 32 the eager loop runs twice: where those two part, the kernels themselves differ
+from run to run (bench/step_parity.py finds where).
 
 Prints a table; writes $OUT/decode.json (or --json PATH) when OUT is set.
 """
@@ -182,44 +178,6 @@ def compare(model, prompts, ours_tokens, ref_tokens):
         details.append(f"row {row} parts at token {k}: logit gap {gap:.3g} ({'near-tie' if tie else 'NOT a tie'}, "
                        f"tolerance {tol:.3g})")
     return dict(equal=False, ok=ok, detail="; ".join(details))
-
-
-def own_logits(model, run, forwards):
-    """run() with the last position's fp32 logits of each forward (prefill, then every step) recorded
-    on the device: a forward hook on the output head that writes row `i` of a preallocated buffer
-    and advances `i` in place, so a captured step records too. Returns (run's result, [forwards, batch, vocab])."""
-    history, i = None, torch.zeros(1, dtype=torch.long, device=model.device)
-
-    def record(module, args, out):
-        nonlocal history
-        last = out[:, -1].float()
-        if history is None:  # at prefill, eagerly: a capture never allocates here
-            history = torch.zeros(forwards, *last.shape, device=last.device)
-        history.index_copy_(0, i, last[None])
-        i.add_(1)
-
-    handle = model.get_output_embeddings().register_forward_hook(record)
-    try:
-        result = run()
-    finally:
-        handle.remove()
-    return result, history[: int(i)].cpu()
-
-
-def drift_before_parting(tokens_a, logits_a, tokens_b, logits_b):
-    """For each row where two decodes of the same prompts part: how far their own logits had drifted
-    apart while their inputs were still equal (every forward up to the one that chose the parting
-    token), in bf16 ulps of that row's top logit. A few ulps: rounding (kernels that sum in another
-    order); more: the two loops computed different things."""
-    details = []
-    for row, (a, b) in enumerate(zip(tokens_a, tokens_b)):
-        k = first_difference(a, b)
-        if k is None or k >= min(len(a), len(b)):  # equal, or one stopped early: no parting token
-            continue
-        la, lb = logits_a[: k + 1, row], logits_b[: k + 1, row]
-        drift = (la - lb).abs().max().item()
-        details.append(f"row {row} at token {k}: {drift:.3g} ({drift / bf16_ulp(la[k].max()):.1f} ulps)")
-    return "; ".join(details) or "no row parts"
 
 
 def random_prompts(vocab, lengths, seed):
@@ -457,32 +415,21 @@ def main():
     def batch_rows(name, model, batch):
         prompts = random_prompts(vocab, [PROMPT] * batch, 3)
         generate(model, prompts, 4, cache="static", graph=False)  # warm-up at this batch size
-        # Eager runs record their own logits (no capture, so the hook is safe; it costs a copy of
-        # [batch, vocab] a step, nothing beside a 7B forward).
         def eager_run():
             return ours(model, prompts, NEW, cache="static", graph=False)
 
-        eager, eager_logits = own_logits(model, lambda: repeat(eager_run, 1), NEW)
+        eager = repeat(eager_run, 1)
         row(name, batch, "ours eager (static)", eager)
-        # The eager loop against itself: a parting here is the kernels' own run-to-run difference.
-        again, again_logits = own_logits(model, eager_run, NEW)
+        # The eager loop against itself: a parting here is the kernels' own run-to-run difference
+        # (cuDNN's attention had it: bench/step_parity.py).
+        again = eager_run()
         check(name, f"b{batch} eager == eager, run again", again["tokens"] == eager["tokens"],
-              compare(model, prompts, again["tokens"], eager["tokens"])["detail"] + "; own-logit drift before parting: "
-              + drift_before_parting(eager["tokens"], eager_logits, again["tokens"], again_logits))
+              compare(model, prompts, again["tokens"], eager["tokens"])["detail"])
         if cuda:
             replayed = repeat(lambda: ours(model, prompts, NEW, graph=True), reps["slow"])
             row(name, batch, "ours graph (cold)", replayed)
             detail = (compare(model, prompts, replayed["tokens"], eager["tokens"])["detail"]
                       + f"; the {reps['slow']} graph runs agree: {replayed['same_tokens_every_run']}")
-            if replayed["tokens"] != eager["tokens"]:
-                # Where they part, how far apart their own logits already were (not a fresh forward's).
-                try:
-                    g, g_logits = own_logits(model, lambda: ours(model, prompts, NEW, graph=True), NEW)
-                    detail += "; own-logit drift before parting: " + drift_before_parting(
-                        eager["tokens"], eager_logits, g["tokens"], g_logits)
-                except Exception as e:  # noqa: BLE001 (session 7: the recording hook failed the capture)
-                    torch.cuda.synchronize()
-                    detail += f"; own-logit recording failed in the capture: {(str(e).splitlines() or [''])[0]}"
             check(name, f"b{batch} graph == eager", replayed["tokens"] == eager["tokens"], detail)
 
     for batch in (8, 32):

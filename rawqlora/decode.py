@@ -21,6 +21,7 @@ a sliding window.
     decode step   eager      eager for 2 steps, then captured once and replayed (when it pays;
                              with compile=True, compiled before the capture, attention
                              in its one-token form: rawqlora/decode_attention.py)
+    step's sdpa   torch's    memory-efficient: the same numbers every run (STEP_SDPA_BACKENDS)
 
 Either way the loop's state lives in tensors on the model's device (`_Decoder`): the token to
 feed, its position, which rows have ended, which tokens each row has seen. Each step writes a
@@ -39,6 +40,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 
 from rawqlora import cuda_graph, decode_attention
@@ -51,6 +53,16 @@ GRAPH_MIN_STEPS = 8
 # Columns of a kept batch-1 decoder (chat turns, one prompt at a time) are rounded up to a
 # multiple of this, so that turns of similar length replay the same graph.
 KEPT_COLUMNS = 256
+# sdpa's kernels for the one-token decode steps on CUDA. Left to choose, torch reaches cuDNN's
+# attention on an H200, whose one-token step at batch 8 and 32 sums in an order that changes
+# from call to call: the same step from the same state differed in the attention output of one
+# layer in most steps (by 1-2 bf16 ulps), so greedy decoding took another token at near-ties
+# after tens of tokens and no two runs agreed, eager or replayed (bench/step_parity.py,
+# bench/RESULTS.md session 8). The memory-efficient kernel repeated itself bit for bit there, at
+# every step and whatever the number of cache columns; the math kernel, the fallback, repeats
+# too. The prefill keeps torch's choice, transformers' own: with it our prompts' logits are
+# theirs (the memory-efficient prefill parted from transformers' generate at token 0).
+STEP_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -478,20 +490,21 @@ def _run(decoder, prompts, max_new_tokens, pad_id, on_step, graph, on_cuda, requ
     prefill_seconds = time.perf_counter() - start
 
     capture_seconds, launched, read_steps = 0.0, 1, 1
-    while not done and launched < max_new_tokens:
-        if graph and decoder.graph is None and launched > cuda_graph.WARMUP_STEPS:
-            begin = time.perf_counter()
-            decoder.graph = cuda_graph.try_capture(decoder.model, decoder.run_step, decoder.stream,
-                                                   decoder.generator if decoder.sampling.temperature else None,
-                                                   required)
-            capture_seconds = time.perf_counter() - begin
-            graph = decoder.graph is not None
-        decoder.step()
-        reports.push(decoder.report)
-        launched += 1
-        if launched - read_steps > reports.lag:
-            done = read(reports.pop())
-            read_steps += 1
+    with sdpa_kernel(STEP_SDPA_BACKENDS) if on_cuda else nullcontext():
+        while not done and launched < max_new_tokens:
+            if graph and decoder.graph is None and launched > cuda_graph.WARMUP_STEPS:
+                begin = time.perf_counter()
+                decoder.graph = cuda_graph.try_capture(decoder.model, decoder.run_step, decoder.stream,
+                                                       decoder.generator if decoder.sampling.temperature else None,
+                                                       required)
+                capture_seconds = time.perf_counter() - begin
+                graph = decoder.graph is not None
+            decoder.step()
+            reports.push(decoder.report)
+            launched += 1
+            if launched - read_steps > reports.lag:
+                done = read(reports.pop())
+                read_steps += 1
     while not done and read_steps < launched:
         done = read(reports.pop())
         read_steps += 1
