@@ -336,6 +336,9 @@ def main():
         b1_eager[name] = eager["tokens"]
         dynamic = repeat(lambda: ours(model, prompt, NEW, cache="dynamic"), 1)
         row(name, 1, "ours eager (dynamic)", dynamic)
+        # Its own warm-up: in runs T1, U4 and U6 the first model's transformers row (bf16, the
+        # process's first generate call) measured 15-27 tok/s where D1/D2 had 40-45.
+        transformers_generate(model, prompt, 8)
         hf = repeat(lambda: transformers_generate(model, prompt, NEW), reps["slow"])
         row(name, 1, "transformers generate", hf)
         c = compare(model, prompt, eager["tokens"], hf["tokens"])

@@ -42,7 +42,7 @@ def main():
     p.add_argument("--json", default=None)
     args = p.parse_args()
     library_forward, library_backward = dict(kernels.FORWARD_TILE), dict(kernels.BACKWARD_TILE)
-    library_choice = kernels._fp32_products  # fp32 operands for fp32 x only: bf16 products here
+    library_choice = kernels.fp32_products  # fp32 operands for fp32 x only: bf16 products here
     rows = []
     for members, k in CASES:
         torch.manual_seed(0)
@@ -52,7 +52,7 @@ def main():
         g_a = torch.randn(args.tokens, members * 16, device="cuda", dtype=torch.bfloat16)
         case = f"members {members} k {k:5}"
         for products, switch in (("tf32", lambda x: True), ("bf16", library_choice)):
-            kernels._fp32_products = switch
+            kernels.fp32_products = switch
             f, b = timings(x, g_a, lora_a, dx, members, library_forward, library_backward[members])
             print(f"{case} {products} products, library tiles: forward {f:6.0f} us, backward {b:6.0f} us", flush=True)
             rows.append(dict(members=members, k=k, products=products, tiles="library", forward_us=f, backward_us=b))
@@ -75,7 +75,7 @@ def main():
                 print(f"{case} bf16 {which:8} {us:6.0f} us at {tile}", flush=True)
             rows += [dict(members=members, k=k, products="bf16", kernel=which, tile=tile, us=us) for us, tile in results]
         kernels.FORWARD_TILE, kernels.BACKWARD_TILE = dict(library_forward), dict(library_backward)
-    kernels._fp32_products = library_choice
+    kernels.fp32_products = library_choice
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(tokens=args.tokens, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)

@@ -1,20 +1,23 @@
-"""Where a captured decode step's numbers part from the same step run eagerly (issue 16, CUDA).
+"""Whether a decode step computes the same numbers eagerly, again, and replayed from its CUDA graph (issue 16).
 
-    python bench/step_parity.py                      # bf16, batches 1, 8 and 32
-    python bench/step_parity.py --models bf16,nf4,gptq --batches 8
+    python bench/step_parity.py                      # bf16, batches 1, 8 and 32, 128 steps
+    python bench/step_parity.py --models bf16,nf4,gptq --batches 8 --sdpa default,efficient_attention
 
-bench/decode.py finds that at batch 8 and 32 the graph loop's greedy tokens part from the eager
+bench/decode.py found the graph loop's greedy tokens at batch 8 and 32 parting from the eager
 loop's after tens of tokens, at near-ties. This script asks which computation differs, from one
 state: a StaticDecoder (rawqlora/decode.py) prefills random 64-token prompts, its state (KV
-cache, position, token, masks) is saved, and one decode step then runs from that state four
-ways: eagerly, eagerly again, eagerly once more as the capture's warm-up, and replayed from its
-CUDA graph. A forward hook on every module copies the module's output into a buffer made for
-it in the first pass of each kind (outside any capture, so the capture only copies into fixed
-memory, which is what the captured step itself does). The first module, in call order, whose
-output differs between the eager step and the replayed one is where the two compute
-differently; "eager == eager" says whether the eager step repeats itself.
+cache, position, token, masks) is saved, and one decode step then runs from that state
+eagerly, eagerly again, eagerly once more as the capture's warm-up, and replayed from its
+graph; then, at every later step along the eager path, once eagerly and once replayed. A
+forward hook on every module copies the module's output into a buffer made for it in the
+first pass of each kind (outside any capture, so the capture only copies into fixed memory, as
+the captured step itself does). The first module, in call order, whose outputs differ is
+where two passes compute differently. Last, the whole loops (`generate`) run twice each.
+`--sdpa` repeats all of it under each of sdpa's backends in turn (its answer, session 8:
+cuDNN's one-token attention varies from run to run at batch 8 and 32; the memory-efficient
+kernel does not, which is why rawqlora/decode.py's steps use it).
 
-Prints one line per model and batch; writes $OUT/step_parity.json when OUT is set.
+Prints one JSON line per model, backend and batch; writes $OUT/step_parity.json when OUT is set.
 """
 
 import argparse
@@ -30,7 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decode import PROMPT, build_dense, first_difference, random_prompts, timed, to_gptq, to_nf4_lora  # noqa: E402 (bench/decode.py)
+from decode import (PROMPT, build_dense, first_difference, random_prompts, timed,  # noqa: E402 (bench/decode.py)
+                    to_gptq, to_nf4_lora)
 from rawqlora import cuda_graph, sibling_projections  # noqa: E402
 from rawqlora.decode import Sampling, StaticDecoder, generate, left_pad  # noqa: E402
 
@@ -75,11 +79,12 @@ def state_tensors(decoder):
 def first_parting(recorder, a, b):
     """(module name, max |difference|, how many modules differ) of the first module whose outputs
     in passes a and b differ, or None when every one is bit-equal."""
-    differing = [name for name in recorder.order if not torch.equal(recorder.buffers[a][name], recorder.buffers[b][name])]
+    first, second = recorder.buffers[a], recorder.buffers[b]
+    differing = [name for name in recorder.order if not torch.equal(first[name], second[name])]
     if not differing:
         return None
     name = differing[0]
-    diff = (recorder.buffers[a][name].float() - recorder.buffers[b][name].float()).abs().max().item()
+    diff = (first[name].float() - second[name].float()).abs().max().item()
     return dict(module=name, max_abs_diff=diff, modules_differing=len(differing), modules=len(recorder.order))
 
 
@@ -166,7 +171,8 @@ def main():
             sibling_projections.fuse(model)
         for backend in args.sdpa.split(","):
             for batch in map(int, args.batches.split(",")):
-                with contextlib.nullcontext() if backend == "default" else sdpa_kernel(getattr(SDPBackend, backend.upper())):
+                chosen = None if backend == "default" else getattr(SDPBackend, backend.upper())
+                with contextlib.nullcontext() if chosen is None else sdpa_kernel(chosen):
                     r = dict(model=name, sdpa=backend, **parity(model, batch, dense.config.vocab_size, args.steps),
                              loops=loops(model, batch, dense.config.vocab_size, args.steps))
                 results.append(r)

@@ -70,7 +70,7 @@ BACKWARD_TILE = {1: dict(BN=16, BK=128, ROWS=1024, num_warps=4),
                  3: dict(BN=16, BK=256, ROWS=1024, num_warps=4)}
 
 
-def _fp32_products(x):
+def fp32_products(x):
     """Whether the kernels convert their operands to fp32 before the products: for fp32 x (tf32 on
     the tensor cores), and off CUDA, where Triton's CPU interpreter (the tests) multiplies bf16
     operands as if they were integers (triton 3.9). The values are the same: products of bf16
@@ -78,7 +78,7 @@ def _fp32_products(x):
     return x.dtype == torch.float32 or x.device.type != "cuda"
 
 
-def _padded_rank(r):
+def padded_rank(r):
     return max(16, triton.next_power_of_2(r))  # tl.dot wants dimensions of 16 or more
 
 
@@ -98,7 +98,7 @@ def dropout_a_forward(x, lora_a, seed, p, members=1):
     grid = (members, triton.cdiv(n, FORWARD_TILE["BN"]))
     lora_a = lora_a.to(x.dtype).contiguous()  # products in x's dtype (module docstring)
     _forward_kernel[grid](x, lora_a, a, n, seed, keep_threshold(p), keep_scale(p),
-                          K=k, R=r, R_PAD=_padded_rank(r), MEMBERS=members, FP32_PRODUCTS=_fp32_products(x),
+                          K=k, R=r, R_PAD=padded_rank(r), MEMBERS=members, FP32_PRODUCTS=fp32_products(x),
                           **FORWARD_TILE)
     return a
 
@@ -121,8 +121,8 @@ def dropout_a_backward(x, g_a, lora_a, dx, seed, p, members=1):
     partial = torch.empty(members, splits, r, k, device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(k, tile["BK"]), splits)
     _backward_kernel[grid](x, g_a, lora_a, x if dx is None else dx, partial, n, seed,
-                           keep_threshold(p), keep_scale(p), K=k, R=r, R_PAD=_padded_rank(r), MEMBERS=members,
-                           HAS_DX=dx is not None, FP32_PRODUCTS=_fp32_products(x), **tile)
+                           keep_threshold(p), keep_scale(p), K=k, R=r, R_PAD=padded_rank(r), MEMBERS=members,
+                           HAS_DX=dx is not None, FP32_PRODUCTS=fp32_products(x), **tile)
     return partial.sum(1).reshape(members * r, k)
 
 
@@ -138,7 +138,7 @@ if triton is not None:
         return h
 
     @triton.jit
-    def _keep(rows, col0, seed, threshold, BN: tl.constexpr, BK: tl.constexpr):
+    def keep_block(rows, col0, seed, threshold, BN: tl.constexpr, BK: tl.constexpr):
         """The mask's block of `rows` x columns col0 .. col0 + BK (col0 even; module docstring)."""
         seed_h = _fmix32(seed.to(tl.uint32))
         row_h = _fmix32(rows.to(tl.uint32) ^ seed_h)
@@ -147,6 +147,19 @@ if triton is not None:
         t = threshold.to(tl.uint32)
         # join puts (low, high) side by side: reshaped, pair j lands on columns 2j and 2j + 1
         return tl.reshape(tl.join((h & 0xFFFF) >= t, (h >> 16) >= t), (BN, BK))
+
+    @triton.jit
+    def masked_a_product(acc, x, keep, a_ptr, cols, K: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                         FP32_PRODUCTS: tl.constexpr):
+        """acc + (x ⊙ keep) Aᵀ over one block of columns `cols`: x [BN, BK] in A's dtype, A [R, K]."""
+        ranks = tl.arange(0, R_PAD)
+        x = tl.where(keep, x, tl.zeros_like(x))
+        a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],  # Aᵀ block [BK, R_PAD], x's dtype
+                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
+        if FP32_PRODUCTS:
+            x, a_t = x.to(tl.float32), a_t.to(tl.float32)
+        acc += tl.dot(x, a_t)
+        return acc
 
     @triton.jit
     def _forward_kernel(x_ptr, a_ptr, out_ptr, n_rows, seed, threshold, scale, K: tl.constexpr, R: tl.constexpr,
@@ -163,24 +176,20 @@ if triton is not None:
             cols = k0 + tl.arange(0, BK)
             inside = (rows[:, None] < n_rows) & (cols[None, :] < K)
             x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=inside, other=0.0)
-            x = tl.where(_keep(rows, k0, seed, threshold, BN, BK), x, tl.zeros_like(x))
-            a_t = tl.load(a_ptr + ranks[None, :] * K + cols[:, None],  # Aᵀ block [BK, R_PAD], x's dtype
-                          mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)
-            if FP32_PRODUCTS:
-                x, a_t = x.to(tl.float32), a_t.to(tl.float32)
-            acc += tl.dot(x, a_t)
+            acc = masked_a_product(acc, x, keep_block(rows, k0, seed, threshold, BN, BK), a_ptr, cols, K, R, R_PAD,
+                                   FP32_PRODUCTS)
         out = (acc * scale).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * (MEMBERS * R) + ranks[None, :], out,
                  mask=(rows[:, None] < n_rows) & (ranks[None, :] < R))
 
     @triton.jit
-    def _member_backward(x, dx, d_a, a, ga_ptr, rows, col0, n_rows, seed, threshold, scale, member: tl.constexpr,
-                         MEMBERS: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
-                         BK: tl.constexpr, HAS_DX: tl.constexpr, FP32_PRODUCTS: tl.constexpr):
+    def member_backward(x, dx, d_a, a, ga_ptr, rows, col0, n_rows, seed, threshold, scale, member: tl.constexpr,
+                        MEMBERS: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, HAS_DX: tl.constexpr, FP32_PRODUCTS: tl.constexpr):
         """Member `member`'s terms on one block of rows: d_a += g_aᵀ (x ⊙ m) (the 1/q comes at
         the store) and dx += (g_a A) ⊙ m / q, both from one computation of its mask."""
         ranks = tl.arange(0, R_PAD)
-        keep = _keep(rows, col0, seed + member, threshold, BN, BK)
+        keep = keep_block(rows, col0, seed + member, threshold, BN, BK)
         g_a = tl.load(ga_ptr + rows.to(tl.int64)[:, None] * (MEMBERS * R) + member * R + ranks[None, :],
                       mask=(rows[:, None] < n_rows) & (ranks[None, :] < R), other=0.0)
         if FP32_PRODUCTS:
@@ -221,14 +230,14 @@ if triton is not None:
             dx = tl.zeros((BN, BK), tl.float32)
             if HAS_DX:
                 dx = tl.load(dx_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            d_a0, dx = _member_backward(x, dx, d_a0, a0, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 0,
-                                        MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
+            d_a0, dx = member_backward(x, dx, d_a0, a0, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 0,
+                                       MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
             if MEMBERS > 1:
-                d_a1, dx = _member_backward(x, dx, d_a1, a1, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 1,
-                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
+                d_a1, dx = member_backward(x, dx, d_a1, a1, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 1,
+                                           MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
             if MEMBERS > 2:
-                d_a2, dx = _member_backward(x, dx, d_a2, a2, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 2,
-                                            MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
+                d_a2, dx = member_backward(x, dx, d_a2, a2, ga_ptr, rows, col0, n_rows, seed, threshold, scale, 2,
+                                           MEMBERS, R, R_PAD, BN, BK, HAS_DX, FP32_PRODUCTS)
             if HAS_DX:
                 tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         # partial [MEMBERS, splits, R, K]

@@ -8,8 +8,10 @@ Each module keeps its class, parameters and state dict; only its bound `forward`
     LoRALinear (lora/layer.py)       -> fast/lora_function.py `FastLoRAForward`: one autograd
                                         function per layer (or, below, per group of siblings)
     RMSNorm      FUSABLE_NORMS       -> fast/ops.py `RMSNormFunction`
-    SwiGLU MLP   FUSABLE_MLPS        -> gate/up together (fast/siblings.py), `SwiGLUFunction`,
-                                        and in a checkpoint's recompute down_proj without its GEMM
+    SwiGLU MLP   FUSABLE_MLPS        -> gate/up together (fast/siblings.py), then the gate and
+                                        down_proj as one (fast/swiglu_down.py) where it applies,
+                                        else `SwiGLUFunction` and down_proj; in a checkpoint's
+                                        recompute down_proj without its GEMM
     attention    FUSABLE_ATTENTIONS  -> q/k/v together, rotary through `RotaryFunction`
 
 Only the classes whose math is exactly fast/ops.py's formulas are swapped; others, such as
@@ -27,6 +29,7 @@ import fast.state as state
 from fast.lora_function import FastLoRAForward
 from fast.ops import RMSNormFunction, RotaryFunction, SwiGLUFunction, kernel, swiglu_forward
 from fast.siblings import run_together
+from fast.swiglu_down import run_fused
 from lora.layer import LoRALinear
 from training.grad_ckpt import is_lean, is_recomputing
 
@@ -100,6 +103,11 @@ def _fused_mlp_forward(mlp, x):
     pair = (mlp.gate_proj, mlp.up_proj)
     gate_up = run_together(pair, x) if all(map(fast_lora, pair)) else None
     gate, up = gate_up or (mlp.gate_proj(x), mlp.up_proj(x))
+    # The gate and down_proj as one function (fast/swiglu_down.py), where it applies; in a
+    # recompute it skips the GEMM as the branch below does.
+    fused = run_fused(mlp.down_proj, gate, up, output_needed=not is_recomputing()) if fast_lora(mlp.down_proj) else None
+    if fused is not None:
+        return fused
     h = SwiGLUFunction.apply(gate, up)
     if is_recomputing() and fast_lora(mlp.down_proj):
         # In these decoder layers the MLP's output only feeds the residual add, which is

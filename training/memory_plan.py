@@ -18,7 +18,8 @@ and `plan` keeps the largest n whose peak fits in (1 - FRAGMENTATION) x the budg
 defaults to all the GPU memory this process could have once the model is loaded
 (`default_budget`). When not every layer fits, a second probe measures c with the kept layers
 lean (training/grad_ckpt.py `set_lean`: c smaller by the SwiGLU output) and that plan is taken
-if it keeps more layers. Room still left after the kept layers goes to dequantized copies of
+if it keeps more layers (it keeps the same where the MLPs run fast/swiglu_down.py, which keeps
+no SwiGLU output lean or not). Room still left after the kept layers goes to dequantized copies of
 the 4-bit weights (fast/dense_weights.py), layer by layer.
 
 Measured, not derived from a formula: what a layer saves depends on the model, the speed
