@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fast import state, swiglu_down
-from test_grad_ckpt import lora_grads
+from test_grad_ckpt import lora_grads, loss_of, tiny_lora_model
+from training import grad_ckpt, memory_plan
 from test_lora_kernels import DEVICE, FP32_BOUND, keep_mask, keep_scale, rel_err
 
 
@@ -87,3 +88,24 @@ def test_partial_plan_equals_full_checkpointing(monkeypatch):
         assert sorted(calls) == [False, True, True, True]  # three forwards, layer 0 recomputed
         for name in full:
             assert rel_err(partial[name], full[name]) < FP32_BOUND, name
+
+
+def test_memory_plan_skips_the_lean_probe(monkeypatch):
+    # With every MLP on the fused function no layer has a lean form: a plan that cannot keep
+    # every layer probes once, not twice, and is not lean.
+    model = tiny_lora_model(dropout=0.1, use_fast=True, layers=3, device=DEVICE)
+    layers = model.get_decoder().layers
+    grad_ckpt.enable(layers)
+    model.train()
+    ids = torch.randint(0, 101, (2, 13), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def run_step():
+        loss_of(model, ids).backward()
+        model.zero_grad(set_to_none=True)
+
+    probes = []
+    measure = memory_plan.measure
+    monkeypatch.setattr(memory_plan, "measure", lambda *a, **k: probes.append(1) or measure(*a, **k))
+    c = measure(layers, run_step).per_layer
+    tight = memory_plan.apply(layers, run_step, budget=(c - 1) * 10 // 9)
+    assert len(probes) == 1 and not tight.lean and tight.kept < 3

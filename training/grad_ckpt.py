@@ -54,6 +54,7 @@ class _Mark:
 recomputing = _Mark()
 # Marks the forward of a kept layer that should save less and rebuild more in backward (`set_lean`).
 lean = _Mark()
+lean.asked = False  # set by `is_lean`: some forward has a lean form (cleared by memory_plan.apply)
 
 
 def is_recomputing():
@@ -65,7 +66,10 @@ def is_recomputing():
 
 def is_lean():
     """True inside a lean kept layer's forward (`set_lean`). Never inside a checkpoint: there
-    PyTorch's own saved-tensor hooks must see every tensor the recompute saves."""
+    PyTorch's own saved-tensor hooks must see every tensor the recompute saves. Asking sets
+    `lean.asked`: only forwards that have a lean form ask (fast/patch.py's MLP, when it does not
+    run fast/swiglu_down.py, which keeps no SwiGLU output anyway)."""
+    lean.asked = True
     return lean.on
 
 

@@ -18,9 +18,9 @@ and `plan` keeps the largest n whose peak fits in (1 - FRAGMENTATION) x the budg
 defaults to all the GPU memory this process could have once the model is loaded
 (`default_budget`). When not every layer fits, a second probe measures c with the kept layers
 lean (training/grad_ckpt.py `set_lean`: c smaller by the SwiGLU output) and that plan is taken
-if it keeps more layers (it keeps the same where the MLPs run fast/swiglu_down.py, which keeps
-no SwiGLU output lean or not). Room still left after the kept layers goes to dequantized copies of
-the 4-bit weights (fast/dense_weights.py), layer by layer.
+if it keeps more layers. Where no layer has a lean form there is no second probe: MLPs on
+fast/swiglu_down.py keep no SwiGLU output, lean or not. Room still left after the kept layers
+goes to dequantized copies of the 4-bit weights (fast/dense_weights.py), layer by layer.
 
 Measured, not derived from a formula: what a layer saves depends on the model, the speed
 layer (fast/ saves 2.3x less than the reference), dropout, the attention kernel and the
@@ -315,8 +315,9 @@ def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first"
         raise ValueError("a memory budget is needed off CUDA (no free-memory figure to default to)")
     grad_ckpt.set_lean(layers, False)
     dense_weights.drop(layers)  # the probe measures without them; the plan then spends the room anew
+    grad_ckpt.lean.asked = False
     result = plan(measure(layers, run_step, offload), len(layers), budget, unseen, placement, kept)
-    if result.kept < len(layers) and kept is None:
+    if result.kept < len(layers) and kept is None and grad_ckpt.lean.asked:
         # Memory binds: make the kept layers lean (grad_ckpt.set_lean), which costs each of them
         # one elementwise pass in backward and lets more of them fit, each saving a layer's
         # recompute (a forward, ~20x that pass), and plan again from a second probe.
