@@ -22,8 +22,9 @@ tok/s = new tokens / the whole call (prefill included); median of the repeats, a
 
 Checks, per model: the graph's greedy tokens equal the eager loop's (batch 1, and a left-padded
 batch of 8); both equal transformers' generate, or part from it only at a near-tie (the two
-candidates' logits, teacher-forced, within 4 bf16 ulps: bf16 kernels that differ only in how many
-masked cache columns they read may order such a pair either way); seeded sampling draws the same
+candidates' logits, teacher-forced, within 4 bf16 ulps: bf16 kernels that sum in another order may
+order such a pair either way, and transformers' steps run cuDNN's attention, whose order changes
+from run to run at batch 8 and 32, where ours run the memory-efficient kernel); seeded sampling draws the same
 tokens eagerly and replayed; a kept graph replays right for another prompt; and each 4-bit or
 int4 layer alone is captured and replayed bit-exactly (bitsandbytes' kernels, issue 16's question).
 At batch 8 and 32 the eager loop runs twice: where those two part, the kernels themselves differ
