@@ -114,7 +114,7 @@ def _fused_mlp_forward(mlp, x):
         # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
         # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
         return mlp.down_proj(h, output_needed=False)
-    if is_lean() and fast_lora(mlp.down_proj):
+    if fast_lora(mlp.down_proj) and is_lean():
         # A lean kept layer (training/grad_ckpt.py): down_proj's backward gets h = silu(g)·u
         # rebuilt from g and u, which SwiGLU's backward keeps anyway, instead of keeping h
         # (intermediate-size wide: the largest tensor a kept layer would hold alone).

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fast import state, swiglu_down
-from test_grad_ckpt import lora_grads, loss_of, tiny_lora_model
 from training import grad_ckpt, memory_plan
+from test_grad_ckpt import lora_grads, loss_of, tiny_lora_model
 from test_lora_kernels import DEVICE, FP32_BOUND, keep_mask, keep_scale, rel_err
 
 
