@@ -171,7 +171,7 @@ def load(args):
         tokenizer.chat_template = CHATML_TEMPLATE
     if args.gptq:
         model = gptq_checkpoint.load_gptq(args.model, device=args.device, dtype=quant.DTYPES[args.dtype],
-                               trust_remote_code=args.trust_remote_code)
+                                          trust_remote_code=args.trust_remote_code)
     else:
         model = quant.load_model(args.model, quant=None if args.quant == "none" else args.quant,
                                  double_quant=args.double_quant, compute_dtype=quant.DTYPES[args.dtype],

@@ -349,8 +349,8 @@ def write_gptq(merged, out, plan, args):
     """The merged model `merged` as a GPTQ checkpoint in `out`, calibrated on --calibration (else the
     adapter's training data)."""
     quantize.quantize_directory(merged, out, args.calibration or plan.trained.data, samples=args.calibration_samples,
-                            seq_len=args.calibration_len, group_size=args.group_size, act_order=args.act_order,
-                            tokenizer_dir=merged, trust_remote_code=args.trust_remote_code)
+                                seq_len=args.calibration_len, group_size=args.group_size, act_order=args.act_order,
+                                tokenizer_dir=merged, trust_remote_code=args.trust_remote_code)
 
 
 # --quantize NAME: writer(merged_dir, out_dir, plan, args), written into OUT-NAME.

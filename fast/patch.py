@@ -103,18 +103,20 @@ def _fused_mlp_forward(mlp, x):
     pair = (mlp.gate_proj, mlp.up_proj)
     gate_up = run_together(pair, x) if all(map(fast_lora, pair)) else None
     gate, up = gate_up or (mlp.gate_proj(x), mlp.up_proj(x))
+    if not fast_lora(mlp.down_proj):
+        return mlp.down_proj(SwiGLUFunction.apply(gate, up))
     # The gate and down_proj as one function (fast/swiglu_down.py), where it applies; in a
     # recompute it skips the GEMM as the branch below does.
-    fused = run_fused(mlp.down_proj, gate, up, output_needed=not is_recomputing()) if fast_lora(mlp.down_proj) else None
+    fused = run_fused(mlp.down_proj, gate, up, output_needed=not is_recomputing())
     if fused is not None:
         return fused
     h = SwiGLUFunction.apply(gate, up)
-    if is_recomputing() and fast_lora(mlp.down_proj):
+    if is_recomputing():
         # In these decoder layers the MLP's output only feeds the residual add, which is
         # the layer's output: in a recompute nobody reads it, so down_proj (a LoRA layer)
         # runs for its saved tensors only and skips its [tokens x 14336 x 4096] GEMM.
         return mlp.down_proj(h, output_needed=False)
-    if fast_lora(mlp.down_proj) and is_lean():
+    if is_lean():
         # A lean kept layer (training/grad_ckpt.py): down_proj's backward gets h = silu(g)·u
         # rebuilt from g and u, which SwiGLU's backward keeps anyway, instead of keeping h
         # (intermediate-size wide: the largest tensor a kept layer would hold alone).
