@@ -237,7 +237,9 @@ def forward_loss(model, batch, autocast):
 
 
 def optimizer_step_grads(model, micro_batches, autocast, loss_scale):
-    """Accumulate gradients over `micro_batches`; returns the mean loss per target token.
+    """Accumulate gradients over `micro_batches`; returns the mean loss per target token as a 0-dim
+    float64 tensor on the model's device, not yet read: reading it (float()) waits for the GPU,
+    so the trainer reads it after queueing the optimizer step (Trainer.update).
 
     Each micro-batch's summed loss is divided by the number of target tokens in the whole
     window, not by its own count or by the number of micro-batches: then N micro-batches
@@ -251,11 +253,11 @@ def optimizer_step_grads(model, micro_batches, autocast, loss_scale):
     device = next(model.parameters()).device
     window_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
     window_targets = distributed.all_reduce_sum(window_targets, device)  # before backward: it scales the loss
-    total_loss = 0.0
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
     for batch in micro_batches:
         loss_sum, _ = forward_loss(model, batch, autocast)
         (loss_sum * (loss_scale / window_targets)).backward()
-        total_loss += loss_sum.item()
+        total_loss += loss_sum.detach()
     distributed.all_reduce_grads(p for p in model.parameters() if p.requires_grad)
     return distributed.all_reduce_sum(total_loss, device) / window_targets
 
@@ -428,9 +430,7 @@ class Run:
             micro, tokens = self.window(step)
             # The loss and gradients are summed over ranks inside: every check below agrees on all ranks.
             loss = optimizer_step_grads(model, micro, self.autocast, self.scaler.scale)
-            if not math.isfinite(loss) and not self.scaler.enabled:
-                raise BadInput(stop_message(step + 1, "loss", last_ckpt))
-            grad_norm, lr = self.update(step, trainable, last_ckpt)
+            loss, grad_norm, lr = self.update(step, trainable, loss, last_ckpt)
             step, tokens_seen, run_tokens = step + 1, tokens_seen + tokens, run_tokens + tokens
             recent_losses.append(loss)
             record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen,
@@ -457,8 +457,17 @@ class Run:
                     train_loss=statistics.fmean(recent_losses) if recent_losses else float("nan"),  # nan: resumed at the end
                     out=str(self.out))
 
-    def update(self, step, trainable, last_ckpt):
-        """Unscale, clip, set the learning rate and step (or skip, on an fp16 overflow): (grad norm, lr)."""
+    def update(self, step, trainable, loss, last_ckpt):
+        """Unscale, clip, set the learning rate and step (or skip, on an fp16 overflow), then stop on a
+        non-finite loss or gradient: (loss, grad norm, lr) as numbers.
+
+        Without loss scaling nothing waits for the GPU until the optimizer step is queued: the
+        loss and the norm are read after it. Read before it, the CPU would wait for backward to
+        end and the GPU would then idle while the CPU launched the clip and the step, about 1% of
+        a 7B step (bench/RESULTS.md, session 9). A step taken on a non-finite gradient stays in
+        this process's memory: training stops right after it, and check_weights keeps such
+        weights out of every file. fp16 needs the check before the step, to skip it.
+        """
         cfg, scaler = self.cfg, self.scaler
         if scaler.enabled:
             for p in trainable:
@@ -466,16 +475,17 @@ class Run:
                     p.grad.div_(scaler.scale)
         # Clip to max_grad_norm (inf: only measure). The norm is also the non-finite check.
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        finite = bool(torch.isfinite(grad_norm))
-        if not finite and not scaler.enabled:
-            raise BadInput(stop_message(step + 1, "gradients", last_ckpt))
         lr = cfg.lr * lr_factor(step, self.total_steps, self.warmup, cfg.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if scaler.update(finite):
+        if not scaler.enabled or scaler.update(bool(torch.isfinite(grad_norm))):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm), lr
+        loss, grad_norm = float(loss), float(grad_norm)
+        for name, value in (("loss", loss), ("gradients", grad_norm)):
+            if not math.isfinite(value) and not scaler.enabled:
+                raise BadInput(stop_message(step + 1, name, last_ckpt))
+        return loss, grad_norm, lr
 
     def check_weights(self, step, last_ckpt):
         """NaN/inf never reaches a checkpoint or the adapter: a step with finite gradients can still

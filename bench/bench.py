@@ -229,14 +229,51 @@ def worker(args):
 
 
 def profile(steps, model, args):
-    """Where one step's GPU time goes: the top operators by CUDA time, into --profile's file."""
+    """Where one step's GPU time goes: the top operators by CUDA time, then where the GPU waited
+    (`idle_gaps`), into --profile's file."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         steps(model, args.seq, args.batch, 1)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=60)
-    Path(args.profile).write_text(table)
+    Path(args.profile).write_text(table + "\n" + idle_gaps(prof.profiler.kineto_results.events()))
+
+
+def idle_gaps(events, shown=15, least_us=20):
+    """The step's GPU timeline: busy and idle time, and the longest stretches with no kernel,
+    memcpy or memset running, each named by the operator that launched the work after it (the
+    CPU op whose span holds that launch: a sync before it, or a stretch the CPU could not
+    launch fast enough). The profiler slows the CPU side, so gaps read longer than unprofiled."""
+    gpu = sorted((e for e in events if e.device_type() == torch.autograd.DeviceType.CUDA
+                  and not e.is_user_annotation()), key=lambda e: e.start_ns())
+    cpu = [e for e in events if e.device_type() == torch.autograd.DeviceType.CPU]
+    launches = {e.correlation_id(): e for e in cpu if e.correlation_id()}
+    ops = [e for e in cpu if not e.correlation_id() and not e.is_user_annotation()]
+    if not gpu:
+        return "no GPU activity recorded\n"
+    gaps, end, busy = [], gpu[0].start_ns(), 0
+    for before, e in zip([None] + gpu[:-1], gpu):
+        if e.start_ns() - end > least_us * 1000:
+            gaps.append((e.start_ns() - end, before, e))
+        busy += max(0, e.end_ns() - max(end, e.start_ns()))
+        end = max(end, e.end_ns())
+    span = end - gpu[0].start_ns()
+
+    def launcher(kernel):
+        launch = launches.get(kernel.correlation_id())
+        if launch is None:
+            return "?"
+        holding = [op for op in ops if op.start_ns() <= launch.start_ns() <= op.end_ns()
+                   and op.start_thread_id() == launch.start_thread_id()]
+        return max(holding, key=lambda op: op.start_ns()).name() if holding else launch.name()
+
+    lines = [f"GPU timeline: span {span / 1e6:.2f} ms, busy {busy / 1e6:.2f} ms, idle {(span - busy) / 1e6:.2f} ms "
+             f"of which {sum(g for g, _, _ in gaps) / 1e6:.2f} ms in {len(gaps)} gaps over {least_us} us; longest:"]
+    for gap, before, after in sorted(gaps, key=lambda g: -g[0])[:shown]:
+        lines.append(f"  {gap / 1e3:9.1f} us after {before.name()[:50]!r} before {after.name()[:50]!r}, "
+                     f"launched in {launcher(after)[:60]!r}")
+    return "\n".join(lines) + "\n"
 
 
 def decode_speed(model, system, new_tokens=128):

@@ -1,6 +1,7 @@
-"""Tile sweep for fast/dropout_kernels.py's fused-dropout kernels, per member count (CUDA).
+"""Tile sweeps for the fused-dropout kernels (CUDA): fast/dropout_kernels.py's per member count,
+and fast/swiglu_down.py's.
 
-    python bench/kernel_tiles.py [--tokens 16384] [--json PATH]
+    python bench/kernel_tiles.py [--kernels dropout|swiglu] [--tokens 16384] [--json PATH]
 
 For 1, 2 and 3 adapters over one 4096-wide input (o; gate/up; q/k/v of Mistral-7B, r=16, bf16)
 and one adapter over a 14336-wide input (down), the median time of `dropout_a_forward` and of
@@ -8,6 +9,11 @@ and one adapter over a 14336-wide input (down), the median time of `dropout_a_fo
 library's tiles, with fp32 (tf32) products (what the kernels ran before: the comparison that
 chose bf16). The fastest tiles go into `kernels.FORWARD_TILE` / `BACKWARD_TILE` by hand; a
 member count shares one tile whatever the width, so the sweep reports both widths for one.
+
+`--kernels swiglu`: fast/swiglu_down.py's two kernels at Mistral-7B's MLP width (14336, r=16,
+bf16), with each kernel's time against its DRAM floor (the bytes it must move at the H200's
+4.8 TB/s): forward reads gate and up and writes h, backward reads gate, up and dh and writes
+dgate and dup.
 """
 
 import argparse
@@ -18,11 +24,19 @@ import torch
 import triton.testing
 
 from fast import dropout_kernels as kernels
+from fast import swiglu_down
 
 CASES = [(1, 4096), (2, 4096), (3, 4096), (1, 14336)]  # (members, input width)
 FORWARD = [dict(BN=bn, BK=bk, num_warps=w) for bn, bk, w in itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]
 BACKWARD = [dict(BN=bn, BK=bk, ROWS=1024, num_warps=w)
             for bn, bk, w in itertools.product((16, 32, 64), (64, 128, 256), (4, 8))]
+
+
+SWIGLU_FORWARD = [dict(BN=bn, BK=bk, num_warps=w, num_stages=st)
+                  for bn, bk, w, st in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (2, 3))]
+SWIGLU_BACKWARD = [dict(BN=bn, BK=bk, ROWS=rows, num_warps=w, num_stages=st)
+                   for bn, bk, rows, w, st in itertools.product((16, 32, 64), (64, 128, 256), (1024, 2048), (4, 8), (2, 3))]
+HBM_BYTES_PER_US = 4.8e6  # the H200's 4.8 TB/s
 
 
 def median_us(fn):
@@ -36,49 +50,93 @@ def timings(x, g_a, lora_a, dx, members, forward_tile, backward_tile):
             median_us(lambda: kernels.dropout_a_backward(x, g_a, lora_a, dx, 7, 0.05, members)))
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+def sweep(name, tiles, run):
+    """[(µs, tile)] of `run` at every tile that compiles, the fastest three printed."""
+    results = []
+    for tile in tiles:
+        try:
+            results.append((median_us(lambda: run(tile)), tile))
+        except Exception as e:  # a tile that does not fit (shared memory, registers)
+            print(f"  {name} {tile}: {type(e).__name__}")
+    for us, tile in sorted(results, key=lambda t: t[0])[:3]:
+        print(f"{name:8} {us:6.0f} us at {tile}", flush=True)
+    return results
+
+
+def swiglu_tiles(tokens):
+    """Sweep fast/swiglu_down.py's forward and backward tiles; rows for the JSON."""
+    width, r = 14336, 16
+    torch.manual_seed(0)
+    gate, up, dh = (torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    lora_a = torch.randn(r, width, device="cuda")
+    g_a = torch.randn(tokens, r, device="cuda", dtype=torch.bfloat16)
+    library = dict(forward=dict(swiglu_down.FORWARD_TILE), backward=dict(swiglu_down.BACKWARD_TILE))
+    floor_us = dict(forward=3 * gate.numel() * 2 / HBM_BYTES_PER_US, backward=5 * gate.numel() * 2 / HBM_BYTES_PER_US)
+
+    def forward(tile):
+        swiglu_down.FORWARD_TILE = tile
+        return swiglu_down.swiglu_a_forward(gate, up, lora_a, 7, 0.05)
+
+    def backward(tile):  # dgate lands over dh: the values change from call to call, the traffic does not
+        swiglu_down.BACKWARD_TILE = tile
+        return swiglu_down.swiglu_a_backward(gate, up, dh, g_a, lora_a, 7, 0.05)
+
+    rows = []
+    for which, run, tiles in (("forward", forward, SWIGLU_FORWARD), ("backward", backward, SWIGLU_BACKWARD)):
+        us = median_us(lambda: run(library[which]))
+        print(f"swiglu {which}: library tile {us:.0f} us, DRAM floor {floor_us[which]:.0f} us", flush=True)
+        rows.append(dict(kernel=which, tile="library", us=us, floor_us=floor_us[which]))
+        rows += [dict(kernel=which, tile=tile, us=us) for us, tile in sweep(which, tiles, run)]
+    swiglu_down.FORWARD_TILE, swiglu_down.BACKWARD_TILE = library["forward"], library["backward"]
+    return rows
+
+
+def dropout_tiles(tokens):
+    """Sweep fast/dropout_kernels.py's tiles per member count; rows for the JSON."""
     library_forward, library_backward = dict(kernels.FORWARD_TILE), dict(kernels.BACKWARD_TILE)
     library_choice = kernels.fp32_products  # fp32 operands for fp32 x only: bf16 products here
     rows = []
     for members, k in CASES:
         torch.manual_seed(0)
-        x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
         dx = torch.randn_like(x)
         lora_a = torch.randn(members * 16, k, device="cuda")
-        g_a = torch.randn(args.tokens, members * 16, device="cuda", dtype=torch.bfloat16)
+        g_a = torch.randn(tokens, members * 16, device="cuda", dtype=torch.bfloat16)
         case = f"members {members} k {k:5}"
         for products, switch in (("tf32", lambda x: True), ("bf16", library_choice)):
             kernels.fp32_products = switch
             f, b = timings(x, g_a, lora_a, dx, members, library_forward, library_backward[members])
             print(f"{case} {products} products, library tiles: forward {f:6.0f} us, backward {b:6.0f} us", flush=True)
             rows.append(dict(members=members, k=k, products=products, tiles="library", forward_us=f, backward_us=b))
-        swept = {"forward": [], "backward": []}
-        for tile in FORWARD:
-            try:
-                f, _ = timings(x, g_a, lora_a, dx, members, tile, library_backward[members])
-                swept["forward"].append((f, tile))
-            except Exception as e:  # a tile that does not fit (shared memory, registers)
-                print(f"  forward {tile}: {type(e).__name__}")
-        for tile in BACKWARD:
-            try:
-                kernels.BACKWARD_TILE[members] = tile
-                b = median_us(lambda: kernels.dropout_a_backward(x, g_a, lora_a, dx, 7, 0.05, members))
-                swept["backward"].append((b, tile))
-            except Exception as e:
-                print(f"  backward {tile}: {type(e).__name__}")
-        for which, results in swept.items():
-            for us, tile in sorted(results, key=lambda t: t[0])[:3]:
-                print(f"{case} bf16 {which:8} {us:6.0f} us at {tile}", flush=True)
-            rows += [dict(members=members, k=k, products="bf16", kernel=which, tile=tile, us=us) for us, tile in results]
+
+        def forward(tile):
+            kernels.FORWARD_TILE = tile
+            return kernels.dropout_a_forward(x, lora_a, 7, 0.05, members)
+
+        def backward(tile):
+            kernels.BACKWARD_TILE[members] = tile
+            return kernels.dropout_a_backward(x, g_a, lora_a, dx, 7, 0.05, members)
+
+        for which, run, tiles in (("forward", forward, FORWARD), ("backward", backward, BACKWARD)):
+            print(case, flush=True)
+            rows += [dict(members=members, k=k, products="bf16", kernel=which, tile=tile, us=us)
+                     for us, tile in sweep(which, tiles, run)]
         kernels.FORWARD_TILE, kernels.BACKWARD_TILE = dict(library_forward), dict(library_backward)
     kernels.fp32_products = library_choice
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--kernels", choices=["dropout", "swiglu"], default="dropout")
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    rows = (dropout_tiles if args.kernels == "dropout" else swiglu_tiles)(args.tokens)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(tokens=args.tokens, device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
+            json.dump(dict(kernels=args.kernels, tokens=args.tokens, device=torch.cuda.get_device_name(), rows=rows),
+                      f, indent=1)
 
 
 if __name__ == "__main__":

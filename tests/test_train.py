@@ -79,7 +79,7 @@ def test_accumulation_equals_one_big_batch(tokenizer, make_model_dir):
 
     big_loss, big = grads([samples])
     micro_loss, micro = grads([samples[i : i + 2] for i in range(0, 8, 2)])
-    assert micro_loss == pytest.approx(big_loss, rel=1e-6)
+    assert float(micro_loss) == pytest.approx(float(big_loss), rel=1e-6)
     for name in big:
         torch.testing.assert_close(micro[name], big[name], rtol=1e-5, atol=1e-8)
 

@@ -55,8 +55,12 @@ def barrier():
 
 
 def all_reduce_sum(value, device):
-    """The sum over ranks of a Python number (a loss, a token count)."""
+    """The sum over ranks of a Python number (a loss, a token count), or of a tensor on `device`
+    (summed in place on the device's stream: nothing waits for it)."""
     if not dist.is_initialized():
+        return value
+    if torch.is_tensor(value):
+        dist.all_reduce(value)
         return value
     # float64: counts stay exact and summed losses lose nothing before the division.
     t = torch.tensor(float(value), dtype=torch.float64, device=device)
