@@ -111,7 +111,7 @@ def plan_layers(model, seq, batch, args):
     """--grad-ckpt auto as train.py runs it: one probe step of this row's shape (random state
     forked, gradients dropped), then training/memory_plan.py's plan; returns the Plan."""
     import train
-    from training import memory_plan
+    from training import loss, memory_plan
 
     ids = next(batches(seq, batch, 1, model.config.vocab_size)).cuda()
     b = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
@@ -126,7 +126,9 @@ def plan_layers(model, seq, batch, args):
     return memory_plan.apply(model.get_decoder().layers, run_step, budget=int(args.memory_budget * 2**30),
                              unseen=unseen, offload=args.system == "rawqlora-offload", placement=args.ckpt_place,
                              kept=None if args.keep < 0 else args.keep,
-                             dense_dtype=torch.bfloat16 if args.dense == "on" else None)
+                             dense_dtype=torch.bfloat16 if args.dense == "on" else None,
+                             loss_head=model.get_output_embeddings(),
+                             loss_bytes=loss.kept_bytes(seq * batch, model.config.vocab_size))
 
 
 def seed_stack_steps(model, seq, batch, n, grad_ckpt=True):

@@ -4,7 +4,7 @@ import torch
 import fast
 import lora
 from fast import lora_function
-from training import grad_ckpt, memory_plan
+from training import grad_ckpt, loss, memory_plan
 from training.auto_batch import longest_rows_probe
 from training.loss import causal_lm_loss
 from rawqlora.tiny import tiny_config, tiny_model
@@ -189,6 +189,25 @@ def test_apply_goes_lean_only_when_memory_binds():
     assert tight.lean and tight.kept > 1 and all(layer._lean for layer in layers)
     assert tight.measurement.per_layer < c
     assert "lean" in tight.summary()
+
+
+def test_apply_keeps_the_loss_log_probs_when_the_room_left_holds_them():
+    # On the CPU the probe reads saved tensors only (P1 = 0): a budget for every kept layer plus
+    # the loss's bytes keeps them; one byte less recomputes the loss's logits in backward.
+    model, run_step = lean_probe(3, lean=False)
+    layers, head = model.get_decoder().layers, model.get_output_embeddings()
+    activations = 2 * memory_plan.measure(layers, run_step).per_layer  # the top layer comes free
+    nbytes = loss.kept_bytes(2 * 13, model.config.vocab_size)
+
+    def plan_for(room):
+        return memory_plan.apply(layers, run_step, budget=int((activations + room) / 0.9) + 1, loss_head=head,
+                                 loss_bytes=nbytes)
+
+    roomy = plan_for(nbytes)
+    assert roomy.kept == 3 and roomy.loss_bytes == nbytes and head.loss_keeps_log_probs
+    assert roomy.predicted_peak == activations + nbytes and "log-probabilities" in roomy.summary()
+    tight = plan_for(nbytes - 2)  # budget rounding gives up to one byte back
+    assert tight.kept == 3 and tight.loss_bytes == 0 and not head.loss_keeps_log_probs
 
 
 def test_partial_plan_with_chunked_mlp_equals_full_checkpointing():

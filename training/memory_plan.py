@@ -20,7 +20,11 @@ defaults to all the GPU memory this process could have once the model is loaded
 lean (training/grad_ckpt.py `set_lean`: c smaller by the SwiGLU output) and that plan is taken
 if it keeps more layers. Where no layer has a lean form there is no second probe: MLPs on
 fast/swiglu_down.py keep no SwiGLU output, lean or not. Room still left after the kept layers
-goes to dequantized copies of the 4-bit weights (fast/dense_weights.py), layer by layer.
+goes first to the loss's log-probabilities (training/loss.py `keep_log_probs`: backward skips
+the lm_head's second forward), then to dequantized copies of the 4-bit weights
+(fast/dense_weights.py), layer by layer. That order is speed per byte, measured on a 7B model
+at 16k tokens (bench/RESULTS.md): a kept layer saves ~11 ms of recompute for 1.6 GiB, the kept
+loss ~9 ms for 2 GiB, a layer's dense weights ~0.7 ms for 0.4 GiB.
 
 Measured, not derived from a formula: what a layer saves depends on the model, the speed
 layer (fast/ saves 2.3x less than the reference), dropout, the attention kernel and the
@@ -33,7 +37,7 @@ import dataclasses
 import torch
 
 from fast import dense_weights
-from training import grad_ckpt
+from training import grad_ckpt, loss
 
 # The plan counts allocated bytes (what max_memory_allocated reports); the GPU must hold what
 # the caching allocator *reserves*, which is more: requests are rounded up (to 2 MiB blocks
@@ -66,6 +70,7 @@ class Plan:
     predicted_peak: int  # bytes allocated at the step's peak, by the formula above
     measurement: Measurement
     lean: bool = False  # kept layers rebuild their SwiGLU output in backward (grad_ckpt.set_lean)
+    loss_bytes: int = 0  # the loss's kept log-probabilities (training/loss.py), in predicted_peak; 0: recomputed
     dense: int = 0  # layers whose 4-bit weights are kept dequantized (fast/dense_weights.py)
     dense_bytes: int = 0  # what those copies hold, included in predicted_peak
 
@@ -79,6 +84,7 @@ class Plan:
                 f"predicted peak {self.predicted_peak / gib:.2f} GiB of a {self.budget / gib:.2f} GiB budget "
                 f"({FRAGMENTATION:.0%} of it left to the allocator)"
                 + ("; kept layers lean (SwiGLU output rebuilt in backward)" if self.lean else "")
+                + (f"; the loss keeps its log-probabilities ({self.loss_bytes / gib:.2f} GiB)" if self.loss_bytes else "")
                 + (f"; the 4-bit weights of {self.dense} layers kept dequantized ({self.dense_bytes / gib:.2f} GiB)"
                    if self.dense else ""))
 
@@ -286,10 +292,25 @@ def measure(layers, run_step, offload=False):
                        layer_input=input_bytes)
 
 
+def room_left(result):
+    """Bytes the plan leaves unspent within its budget, the allocator's share set aside."""
+    return int(result.budget * (1 - FRAGMENTATION)) - result.predicted_peak
+
+
+def with_kept_loss(result, lm_head, nbytes):
+    """`result` with the loss keeping its log-probabilities (training/loss.py) where the room its
+    kept layers leave holds `nbytes` of them; recomputed otherwise."""
+    keep = 0 < nbytes <= room_left(result)
+    loss.keep_log_probs(lm_head, keep)
+    if not keep:
+        return result
+    return dataclasses.replace(result, loss_bytes=nbytes, predicted_peak=result.predicted_peak + nbytes)
+
+
 def with_dense_weights(result, layers, dtype):
     """`result` with as many layers' 4-bit weights kept dequantized in `dtype` as the room its
     kept layers leave holds (fast/dense_weights.py: activations first, these with the rest)."""
-    room = int(result.budget * (1 - FRAGMENTATION)) - result.predicted_peak
+    room = room_left(result)
     n = used = 0
     for layer in layers:  # in order, each layer's own size (layers need not be alike)
         need = dense_weights.nbytes(layer, dtype)
@@ -302,11 +323,14 @@ def with_dense_weights(result, layers, dtype):
     return dataclasses.replace(result, dense=n, dense_bytes=used, predicted_peak=result.predicted_peak + used)
 
 
-def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first", kept=None, dense_dtype=None):
+def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first", kept=None, dense_dtype=None,
+          loss_head=None, loss_bytes=0):
     """Measure, plan, and checkpoint the plan's layers from the next step on; returns the Plan.
     `budget` in bytes; on CUDA 0 means default_budget (read before the probe), and a larger one
-    is cut to it. `dense_dtype` (the compute dtype): spend what room is left on dequantized
-    4-bit weights (`with_dense_weights`); None keeps none."""
+    is cut to it. `loss_head` (the lm_head) and `loss_bytes` (training/loss.py `kept_bytes` of
+    the largest micro-batch): let the loss keep its log-probabilities if the room left holds
+    them (`with_kept_loss`). `dense_dtype` (the compute dtype): spend what room is left then on
+    dequantized 4-bit weights (`with_dense_weights`); None keeps none."""
     device = next(layers[0].parameters()).device
     if device.type == "cuda":
         available = default_budget(device)
@@ -315,6 +339,8 @@ def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first"
         raise ValueError("a memory budget is needed off CUDA (no free-memory figure to default to)")
     grad_ckpt.set_lean(layers, False)
     dense_weights.drop(layers)  # the probe measures without them; the plan then spends the room anew
+    if loss_head is not None:
+        loss.keep_log_probs(loss_head, False)  # likewise
     grad_ckpt.lean.asked = False
     result = plan(measure(layers, run_step, offload), len(layers), budget, unseen, placement, kept)
     if result.kept < len(layers) and kept is None and grad_ckpt.lean.asked:
@@ -328,6 +354,8 @@ def apply(layers, run_step, budget=0, unseen=0, offload=False, placement="first"
         else:
             grad_ckpt.set_lean(layers, False)
     grad_ckpt.set_checkpointed(layers, result.checkpointed)
+    if loss_head is not None:
+        result = with_kept_loss(result, loss_head, loss_bytes)
     if dense_dtype is not None:
         result = with_dense_weights(result, layers, dense_dtype)
     return result

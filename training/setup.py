@@ -7,7 +7,7 @@ import sys
 import fast
 import lora
 import quant
-from training import data, grad_ckpt, memory_plan
+from training import data, grad_ckpt, loss, memory_plan
 from training.auto_batch import auto_batch_size, longest_rows_probe
 from training.distributed import say
 from training.inputs import parse_targets
@@ -72,6 +72,8 @@ def fit_memory(cfg, model, rows, batch_of, step, device, resumed):
     plan = memory_plan.apply(model.get_decoder().layers, lambda: probe(cfg.batch_size),
                              budget=int(cfg.memory_budget * 2**30), offload=cfg.offload_activations,
                              unseen=memory_plan.unseen_bytes(trainable, cfg.optim, cfg.grad_accum),
-                             dense_dtype=quant.DTYPES[cfg.dtype])
+                             dense_dtype=quant.DTYPES[cfg.dtype], loss_head=model.get_output_embeddings(),
+                             loss_bytes=loss.kept_bytes(cfg.batch_size * max(len(r["input_ids"]) for r in rows),
+                                                        model.config.vocab_size))
     say(plan.summary())
     return plan
