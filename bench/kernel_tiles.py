@@ -1,7 +1,7 @@
-"""Tile sweeps for the fused-dropout kernels (CUDA): fast/dropout_kernels.py's per member count,
-and fast/swiglu_down.py's.
+"""Tile sweeps for fast/'s LoRA kernels (CUDA): fast/dropout_kernels.py's per member count,
+fast/swiglu_down.py's and fast/b_grads_kernel.py's.
 
-    python bench/kernel_tiles.py [--kernels dropout|swiglu] [--tokens 16384] [--json PATH]
+    python bench/kernel_tiles.py [--kernels dropout|swiglu|b_grads [--no-sweep]] [--tokens 16384] [--json PATH]
 
 For 1, 2 and 3 adapters over one 4096-wide input (o; gate/up; q/k/v of Mistral-7B, r=16, bf16)
 and one adapter over a 14336-wide input (down), the median time of `dropout_a_forward` and of
@@ -14,6 +14,10 @@ member count shares one tile whatever the width, so the sweep reports both width
 bf16), with each kernel's time against its DRAM floor (the bytes it must move at the H200's
 4.8 TB/s): forward reads gate and up and writes h, backward reads gate, up and dh and writes
 dgate and dup.
+
+`--kernels b_grads`: fast/b_grads_kernel.py at every output width of a Mistral-7B layer (r=16,
+bf16), against the two cuBLAS products it replaces (fast/lora_function.py `b_side_grads` with
+the kernels off), one tile for all widths.
 """
 
 import argparse
@@ -23,8 +27,9 @@ import json
 import torch
 import triton.testing
 
+from fast import b_grads_kernel, swiglu_down, state
 from fast import dropout_kernels as kernels
-from fast import swiglu_down
+from fast.lora_function import b_side_grads
 
 CASES = [(1, 4096), (2, 4096), (3, 4096), (1, 14336)]  # (members, input width)
 FORWARD = [dict(BN=bn, BK=bk, num_warps=w) for bn, bk, w in itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]
@@ -36,6 +41,9 @@ SWIGLU_FORWARD = [dict(BN=bn, BK=bk, num_warps=w, num_stages=st)
                   for bn, bk, w, st in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (2, 3))]
 SWIGLU_BACKWARD = [dict(BN=bn, BK=bk, ROWS=rows, num_warps=w, num_stages=st)
                    for bn, bk, rows, w, st in itertools.product((16, 32, 64), (64, 128, 256), (1024, 2048), (4, 8), (2, 3))]
+B_GRADS = [dict(ROWS=rows, BK=bk, num_warps=w, num_stages=st, cols=cols)
+           for rows, bk, w, st, cols in itertools.product((128, 256, 512), (32, 64, 128), (4, 8), (3,), (1024,))]
+B_GRADS_WIDTHS = (1024, 4096, 14336)  # k/v; q/o/down; gate/up
 HBM_BYTES_PER_US = 4.8e6  # the H200's 4.8 TB/s
 
 
@@ -91,6 +99,55 @@ def swiglu_tiles(tokens):
     return rows
 
 
+def b_grads_tiles(tokens, sweep=True):
+    """Sweep fast/b_grads_kernel.py's tile (one for all widths: the sum over a layer's seven
+    adapters' shapes is what it is chosen by); rows for the JSON."""
+    r = 16
+    torch.manual_seed(0)
+    cases = {out: (torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(tokens, r, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(out, r, device="cuda")) for out in B_GRADS_WIDTHS}
+    per_layer = {1024: 2, 4096: 3, 14336: 2}  # adapters of each width in a layer
+
+    def layer_us(run):
+        return sum(per_layer[out] * median_us(lambda: run(*cases[out])) for out in B_GRADS_WIDTHS)
+
+    def apart(dy, a, lora_b):
+        return b_side_grads(dy, a, lora_b, 2.0, torch.bfloat16)
+
+    def together(dy, a, lora_b):
+        return b_grads_kernel.b_grads(dy, a, (lora_b * 2.0).to(dy.dtype))
+
+    state.use_kernels(False)
+    cublas = layer_us(apart)
+    floor = sum(per_layer[out] * tokens * out * 2 / HBM_BYTES_PER_US for out in B_GRADS_WIDTHS)
+    print(f"b_grads, a layer's seven adapters: two cuBLAS products {cublas:.0f} us, DRAM floor (dy once) "
+          f"{floor:.0f} us", flush=True)
+    library = dict(b_grads_kernel.TILE), b_grads_kernel.COLS
+    us = layer_us(together)
+    print(f"b_grads  {us:6.0f} us a layer at the library's tile", flush=True)
+    rows = [dict(kernel="cublas", us=cublas, floor_us=floor), dict(kernel="b_grads", tile="library", us=us)]
+    if not sweep:
+        return rows
+
+    def fused(tile):
+        tile = dict(tile)
+        b_grads_kernel.COLS = tile.pop("cols")
+        b_grads_kernel.TILE = tile
+        return layer_us(together)
+
+    results = []
+    for tile in B_GRADS:
+        try:
+            results.append((fused(tile), tile))
+        except Exception as e:  # a tile that does not fit (shared memory, registers)
+            print(f"  b_grads {tile}: {type(e).__name__}")
+    for us, tile in sorted(results, key=lambda t: t[0])[:5]:
+        print(f"b_grads  {us:6.0f} us a layer at {tile}", flush=True)
+    b_grads_kernel.TILE, b_grads_kernel.COLS = library
+    return rows + [dict(kernel="b_grads", tile=tile, us=us) for us, tile in results]
+
+
 def dropout_tiles(tokens):
     """Sweep fast/dropout_kernels.py's tiles per member count; rows for the JSON."""
     library_forward, library_backward = dict(kernels.FORWARD_TILE), dict(kernels.BACKWARD_TILE)
@@ -128,11 +185,15 @@ def dropout_tiles(tokens):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--kernels", choices=["dropout", "swiglu"], default="dropout")
+    p.add_argument("--kernels", choices=["dropout", "swiglu", "b_grads"], default="dropout")
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-sweep", action="store_true", help="b_grads: time the library's tile only")
     args = p.parse_args()
-    rows = (dropout_tiles if args.kernels == "dropout" else swiglu_tiles)(args.tokens)
+    if args.kernels == "b_grads":
+        rows = b_grads_tiles(args.tokens, sweep=not args.no_sweep)
+    else:
+        rows = dict(dropout=dropout_tiles, swiglu=swiglu_tiles)[args.kernels](args.tokens)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(kernels=args.kernels, tokens=args.tokens, device=torch.cuda.get_device_name(), rows=rows),

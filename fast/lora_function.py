@@ -46,6 +46,7 @@ Which LoRA layers run this, and when they hand back to their own forward, is wri
 import torch
 from torch import nn
 
+import fast.b_grads_kernel as b_grads_kernel
 import fast.dense_weights as dense_weights
 import fast.dropout_kernels as kernels
 import fast.state as state
@@ -104,9 +105,16 @@ def output(x, a, lora_b, scaling, base, dtype):
 
 
 def b_side_grads(dy, a, lora_b, scaling, dtype):
-    """g_a = dy (s B) [N, r], what dA and dx need, and dB = s · dyᵀ a in B's dtype."""
-    g_a = dy @ (lora_b * scaling).to(dtype)
-    return g_a, (dy.t() @ a).mul_(scaling).to(lora_b.dtype)
+    """g_a = dy (s B) [N, r], what dA and dx need, and dB = s · dyᵀ a in B's dtype. Where the
+    kernels run and dy is 16-bit, both from one read of dy (fast/b_grads_kernel.py; dB then
+    leaves the kernel in fp32 rather than dy's dtype); else two products (fp32 dy: full fp32
+    products, which the kernel's tf32 would not be)."""
+    b_s = (lora_b * scaling).to(dtype)
+    if state.kernels_on(dy.device) and dtype != torch.float32:
+        g_a, dyt_a = b_grads_kernel.b_grads(dy, a, b_s)
+    else:
+        g_a, dyt_a = dy @ b_s, dy.t() @ a
+    return g_a, dyt_a.mul_(scaling).to(lora_b.dtype)
 
 
 class LoRALinearFunction(torch.autograd.Function):

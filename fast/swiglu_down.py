@@ -47,9 +47,10 @@ from fast.lora_function import (b_side_grads, compute_dtype, dense_weight, dropo
                                 uses_reference)
 from fast.triton_support import tl, triton
 
-# Tiles (rows x columns of g, u): dropout_kernels.py's single-member ones, which these kernels
-# extend by two loads and the gate's arithmetic per element.
-FORWARD_TILE = dict(BN=32, BK=128, num_warps=4)
+# Tiles (rows x columns of g, u): the fastest of bench/kernel_tiles.py --kernels swiglu on an
+# H200 at 16k tokens (run V1 in bench/RESULTS.md: forward 372 us against a 294 us DRAM floor,
+# backward 880 against 489; no tile of the sweep brought backward nearer).
+FORWARD_TILE = dict(BN=32, BK=256, num_warps=4)
 BACKWARD_TILE = dict(BN=16, BK=128, ROWS=1024, num_warps=4)
 
 
