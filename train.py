@@ -464,9 +464,10 @@ class Run:
         Without loss scaling nothing waits for the GPU until the optimizer step is queued: the
         loss and the norm are read after it. Read before it, the CPU would wait for backward to
         end and the GPU would then idle while the CPU launched the clip and the step: 16 ms of
-        a 7B step's 26.7 ms idle time (bench/RESULTS.md, session 9). A step taken on a non-finite gradient stays in
-        this process's memory: training stops right after it, and check_weights keeps such
-        weights out of every file. fp16 needs the check before the step, to skip it.
+        a 7B step's 26.7 ms idle time (bench/RESULTS.md, session 9). A step taken on a
+        non-finite gradient stays in this process's memory: training stops right after it, and
+        check_weights keeps such weights out of every file. fp16 needs the check before the
+        step, to skip it.
         """
         cfg, scaler = self.cfg, self.scaler
         if scaler.enabled:

@@ -9,9 +9,9 @@ as much again for their gradient. Instead we
      activation checkpointing, so backward recomputes one chunk's logits at a time.
 
 Peak extra memory is one chunk's logits instead of the whole batch's. Where memory is plentiful
-(--grad-ckpt auto with room left after every decoder layer keeps its activations), the chunks
-keep their log-probabilities instead (`keep_log_probs`, `kept_bytes`): backward then runs
-without computing the logits again, one lm_head product less per target token.
+(--grad-ckpt auto with room left after the decoder layers it keeps), the chunks keep their
+log-probabilities instead (`keep_log_probs`, `kept_bytes`): backward then runs without
+computing the logits again, one lm_head product less per target token.
 The loss is returned as a *sum* over target tokens, with the count: the trainer divides
 by the number of target tokens in the whole accumulation window (see train.py).
 """

@@ -24,8 +24,8 @@ goes first to the loss's log-probabilities (training/loss.py `keep_log_probs`: b
 the lm_head's second forward), then to dequantized copies of the 4-bit weights
 (fast/dense_weights.py), layer by layer. That order is speed per byte on a 7B model at 16k
 tokens (bench/RESULTS.md): a kept layer saves ~11 ms of recompute for 1.6 GiB, the kept loss
-~9 ms for 2 GiB (predicted from its FLOPs; the step it joined measured 2.4% faster), a layer's
-dense weights ~0.7 ms for 0.4 GiB.
+~9 ms for 2 GiB (predicted from its FLOPs; measured, the ratio to the usual stack rose 2.4%,
+across two machine starts), a layer's dense weights ~0.7 ms for 0.4 GiB.
 
 Measured, not derived from a formula: what a layer saves depends on the model, the speed
 layer (fast/ saves 2.3x less than the reference), dropout, the attention kernel and the
