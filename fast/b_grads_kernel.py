@@ -80,7 +80,7 @@ if triton is not None:
                 dy, b = dy.to(tl.float32), b.to(tl.float32)
             g += tl.dot(dy, b)
             d_b = tl.dot(tl.trans(dy), a)  # [BK, R_PAD]: these rows' share of dB
-            tl.store(d_b_part_ptr + split * OUT * R + cols[:, None] * R + ranks[None, :], d_b,
+            tl.store(d_b_part_ptr + split.to(tl.int64) * OUT * R + cols[:, None] * R + ranks[None, :], d_b,
                      mask=col_ok[:, None] & rank_ok[None, :])
-        tl.store(g_part_ptr + group * n_rows * R + rows.to(tl.int64)[:, None] * R + ranks[None, :], g,
+        tl.store(g_part_ptr + group.to(tl.int64) * n_rows * R + rows.to(tl.int64)[:, None] * R + ranks[None, :], g,
                  mask=(rows[:, None] < n_rows) & rank_ok[None, :])
