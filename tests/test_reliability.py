@@ -30,6 +30,7 @@ import quant
 import train
 from rawqlora import cli
 from training import data
+from training.optim import LossScaler
 from rawqlora.errors import BadInput
 from rawqlora.tiny import tiny_model, train_tokenizer
 from training import checkpoint
@@ -377,6 +378,43 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(inputs, tmp_path, m
     assert not (out / "adapter_model.safetensors").exists()
     assert [p.name for p in checkpoint.complete(out / "checkpoints")] == ["step-1", "step-2"]
     assert_no_non_finite_adapter(out)
+
+
+def bare_run(fp16, weight):
+    """A train.Run with only what Run.update reads: SGD on `weight`, loss scaling for fp16."""
+    return train.Run(cfg=train.TrainConfig(lr=0.5, max_grad_norm=1.0), model=None,
+                     optimizer=torch.optim.SGD([weight], lr=0.5), scaler=LossScaler(enabled=fp16), autocast=None,
+                     device=torch.device("cpu"), out=None, save_adapter=None, eval_batches=[], window=None,
+                     total_steps=10, warmup=0, steps_per_epoch=10)
+
+
+@pytest.mark.parametrize("fp16", [False, True], ids=["bf16/fp32", "fp16"])
+def test_update_steps_before_it_reads_the_loss_and_norm(fp16):
+    # Run.update queues the clip and the optimizer step before it reads the loss and the gradient
+    # norm (no host sync before the step). A finite step returns them as numbers; with a
+    # non-finite gradient bf16/fp32 training stops after the step it took (the weights it left
+    # are never saved: check_weights), while fp16 skips the step, halves the scale and goes on.
+    weight = torch.nn.Parameter(torch.ones(2))
+    run = bare_run(fp16, weight)
+    scale = run.scaler.scale
+    weight.grad = torch.tensor([3.0, 4.0]) * scale  # norm 5 once unscaled: clipped to 1
+    loss, norm, lr = run.update(0, [weight], torch.tensor(2.5, dtype=torch.float64), last_ckpt=None)
+    assert (loss, norm, lr) == (2.5, 5.0, 0.5) and type(loss) is float and type(norm) is float
+    assert torch.allclose(weight.detach(), torch.tensor([1 - 0.5 * 0.6, 1 - 0.5 * 0.8]))
+
+    before = weight.detach().clone()
+    weight.grad = torch.tensor([float("inf"), 0.0])
+    if fp16:
+        loss, norm, _ = run.update(1, [weight], torch.tensor(2.5, dtype=torch.float64), last_ckpt=None)
+        assert norm == float("inf") and run.scaler.skipped == 1 and run.scaler.scale == scale / 2
+        assert torch.equal(weight.detach(), before)  # the step was skipped
+        assert weight.grad is None
+    else:
+        with pytest.raises(BadInput, match="non-finite gradients at step 2: training stopped; no checkpoint"):
+            run.update(1, [weight], torch.tensor(2.5, dtype=torch.float64), last_ckpt=None)
+        weight.grad = torch.tensor([1.0, 0.0])
+        with pytest.raises(BadInput, match="non-finite loss at step 3"):
+            run.update(2, [weight], torch.tensor(float("nan"), dtype=torch.float64), last_ckpt=None)
 
 
 def test_weights_that_overflow_never_reach_a_checkpoint(inputs, tmp_path, monkeypatch):
