@@ -375,6 +375,7 @@ def train(cfg):
     # Eval rows stay one sample each, packing or not: the loss per sample, never across them.
     eval_batches = [to_device(data.collate(eval_rows[i : i + cfg.batch_size], tokenizer.pad_token_id), device)
                     for i in range(0, len(eval_rows), cfg.batch_size)]
+
     def window(step):
         """The step's micro-batches (this rank's slice of each) and the real tokens of all ranks."""
         epoch, offset = divmod(step, steps_per_epoch)

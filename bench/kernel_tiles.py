@@ -58,12 +58,17 @@ def timings(x, g_a, lora_a, dx, members, forward_tile, backward_tile):
             median_us(lambda: kernels.dropout_a_backward(x, g_a, lora_a, dx, 7, 0.05, members)))
 
 
-def sweep(name, tiles, run):
-    """[(µs, tile)] of `run` at every tile that compiles, the fastest three printed."""
+def timed(run):
+    """µs of one `run(tile)` call at a tile: what `sweep` takes."""
+    return lambda tile: median_us(lambda: run(tile))
+
+
+def sweep(name, tiles, time):
+    """[(µs, tile)] of `time(tile)` at every tile that compiles, the fastest three printed."""
     results = []
     for tile in tiles:
         try:
-            results.append((median_us(lambda: run(tile)), tile))
+            results.append((time(tile), tile))
         except Exception as e:  # a tile that does not fit (shared memory, registers)
             print(f"  {name} {tile}: {type(e).__name__}")
     for us, tile in sorted(results, key=lambda t: t[0])[:3]:
@@ -94,20 +99,20 @@ def swiglu_tiles(tokens):
         us = median_us(lambda: run(library[which]))
         print(f"swiglu {which}: library tile {us:.0f} us, DRAM floor {floor_us[which]:.0f} us", flush=True)
         rows.append(dict(kernel=which, tile="library", us=us, floor_us=floor_us[which]))
-        rows += [dict(kernel=which, tile=tile, us=us) for us, tile in sweep(which, tiles, run)]
+        rows += [dict(kernel=which, tile=tile, us=us) for us, tile in sweep(which, tiles, timed(run))]
     swiglu_down.FORWARD_TILE, swiglu_down.BACKWARD_TILE = library["forward"], library["backward"]
     return rows
 
 
-def b_grads_tiles(tokens, sweep=True):
-    """Sweep fast/b_grads_kernel.py's tile (one for all widths: the sum over a layer's seven
-    adapters' shapes is what it is chosen by); rows for the JSON."""
+def b_grads_tiles(tokens, tiles=B_GRADS):
+    """Time fast/b_grads_kernel.py at its library tile and at each of `tiles` (one tile for all
+    widths: the sum over a layer's seven adapters' shapes is what it is chosen by); rows for the JSON."""
     r = 16
     torch.manual_seed(0)
     cases = {out: (torch.randn(tokens, out, device="cuda", dtype=torch.bfloat16),
                    torch.randn(tokens, r, device="cuda", dtype=torch.bfloat16),
                    torch.randn(out, r, device="cuda")) for out in B_GRADS_WIDTHS}
-    per_layer = {1024: 2, 4096: 3, 14336: 2}  # adapters of each width in a layer
+    per_layer = {1024: 2, 4096: 3, 14336: 2}  # adapters of each width in a layer: k/v; q/o/down; gate/up
 
     def layer_us(run):
         return sum(per_layer[out] * median_us(lambda: run(*cases[out])) for out in B_GRADS_WIDTHS)
@@ -118,6 +123,12 @@ def b_grads_tiles(tokens, sweep=True):
     def together(dy, a, lora_b):
         return b_grads_kernel.b_grads(dy, a, (lora_b * 2.0).to(dy.dtype))
 
+    def at(tile):
+        tile = dict(tile)
+        b_grads_kernel.COLS = tile.pop("cols")
+        b_grads_kernel.TILE = tile
+        return layer_us(together)
+
     state.use_kernels(False)
     cublas = layer_us(apart)
     floor = sum(per_layer[out] * tokens * out * 2 / HBM_BYTES_PER_US for out in B_GRADS_WIDTHS)
@@ -126,26 +137,10 @@ def b_grads_tiles(tokens, sweep=True):
     library = dict(b_grads_kernel.TILE), b_grads_kernel.COLS
     us = layer_us(together)
     print(f"b_grads  {us:6.0f} us a layer at the library's tile", flush=True)
-    rows = [dict(kernel="cublas", us=cublas, floor_us=floor), dict(kernel="b_grads", tile="library", us=us)]
-    if not sweep:
-        return rows
-
-    def fused(tile):
-        tile = dict(tile)
-        b_grads_kernel.COLS = tile.pop("cols")
-        b_grads_kernel.TILE = tile
-        return layer_us(together)
-
-    results = []
-    for tile in B_GRADS:
-        try:
-            results.append((fused(tile), tile))
-        except Exception as e:  # a tile that does not fit (shared memory, registers)
-            print(f"  b_grads {tile}: {type(e).__name__}")
-    for us, tile in sorted(results, key=lambda t: t[0])[:5]:
-        print(f"b_grads  {us:6.0f} us a layer at {tile}", flush=True)
+    swept = sweep("b_grads", tiles, at)
     b_grads_kernel.TILE, b_grads_kernel.COLS = library
-    return rows + [dict(kernel="b_grads", tile=tile, us=us) for us, tile in results]
+    return [dict(kernel="cublas", us=cublas, floor_us=floor), dict(kernel="b_grads", tile="library", us=us)] + \
+        [dict(kernel="b_grads", tile=tile, us=us) for us, tile in swept]
 
 
 def dropout_tiles(tokens):
@@ -177,7 +172,7 @@ def dropout_tiles(tokens):
         for which, run, tiles in (("forward", forward, FORWARD), ("backward", backward, BACKWARD)):
             print(case, flush=True)
             rows += [dict(members=members, k=k, products="bf16", kernel=which, tile=tile, us=us)
-                     for us, tile in sweep(which, tiles, run)]
+                     for us, tile in sweep(which, tiles, timed(run))]
         kernels.FORWARD_TILE, kernels.BACKWARD_TILE = dict(library_forward), dict(library_backward)
     kernels.fp32_products = library_choice
     return rows
@@ -191,7 +186,7 @@ def main():
     p.add_argument("--no-sweep", action="store_true", help="b_grads: time the library's tile only")
     args = p.parse_args()
     if args.kernels == "b_grads":
-        rows = b_grads_tiles(args.tokens, sweep=not args.no_sweep)
+        rows = b_grads_tiles(args.tokens, tiles=() if args.no_sweep else B_GRADS)
     else:
         rows = dict(dropout=dropout_tiles, swiglu=swiglu_tiles)[args.kernels](args.tokens)
     if args.json:
