@@ -16,8 +16,9 @@ columns BK at a time:
     dB_part[i, cols] = dy[rows, cols]ᵀ a[rows]                           stored per BK columns
 
 and the host sums the parts over j and i (fp32, a fixed order: deterministic, no atomics).
-The parts cost 4r bytes per ROWS x COLS block against 2·ROWS·COLS of dy: 32/COLS and 32/ROWS
-of dy's bytes at r = 16, a few percent at the tiles below. Measured on an H200 (bench/RESULTS.md,
+The parts add 4r bytes per row (g) and per column (dB) of each ROWS x COLS block, written once
+and read once by the sums, against the block's 2·ROWS·COLS bytes of dy: 2·(32/COLS + 32/ROWS)
+of dy's traffic at r = 16, 19% at the tiles below. Measured on an H200 (bench/RESULTS.md,
 session 9): a 7B layer's seven adapters at 16k tokens in 0.69 ms against the two products'
 0.87 (dy once from DRAM: 0.29).
 
