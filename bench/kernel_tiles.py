@@ -29,7 +29,7 @@ import triton.testing
 
 from fast import b_grads_kernel, swiglu_down, state
 from fast import dropout_kernels as kernels
-from fast.lora_function import b_side_grads
+from fast.lora_function import b_side_grads, scaled_b
 
 CASES = [(1, 4096), (2, 4096), (3, 4096), (1, 14336)]  # (members, input width)
 FORWARD = [dict(BN=bn, BK=bk, num_warps=w) for bn, bk, w in itertools.product((32, 64, 128), (64, 128, 256), (4, 8))]
@@ -118,10 +118,10 @@ def b_grads_tiles(tokens, tiles=B_GRADS):
         return sum(per_layer[out] * median_us(lambda: run(*cases[out])) for out in B_GRADS_WIDTHS)
 
     def apart(dy, a, lora_b):
-        return b_side_grads(dy, a, lora_b, 2.0, torch.bfloat16)
+        return b_side_grads(dy, a, scaled_b(lora_b, 2.0, dy.dtype), 2.0, lora_b.dtype)
 
     def together(dy, a, lora_b):
-        return b_grads_kernel.b_grads(dy, a, (lora_b * 2.0).to(dy.dtype))
+        return b_grads_kernel.b_grads(dy, a, scaled_b(lora_b, 2.0, dy.dtype))
 
     def at(tile):
         tile = dict(tile)

@@ -95,26 +95,30 @@ def dropout_seed():
     return int(torch.randint(2**31, ()))
 
 
-def output(x, a, lora_b, scaling, base, dtype):
+def scaled_b(lora_b, scaling, dtype):
+    """s·B in the compute dtype, made once per forward: the output's product uses it, and backward
+    (g_a = dy (s B)) gets it saved rather than made again."""
+    return (lora_b * scaling).to(dtype)
+
+
+def output(x, a, b_s, base, dtype):
     """y = x Wᵀ + bias + a (s B)ᵀ: the LoRA term first, then the base GEMM adds onto it (beta = 1).
     Its epilogue reads the term while the tensor cores work, where adding it afterwards would be
     one more pass over y ([N, out], the largest tensor here)."""
-    b_s = (lora_b * scaling).to(dtype)
     y = a @ b_s.t() if base.bias is None else torch.addmm(base.bias.to(dtype), a, b_s.t())
     return y.addmm_(x, dense_weight(base, dtype).t())
 
 
-def b_side_grads(dy, a, lora_b, scaling, dtype):
-    """g_a = dy (s B) [N, r], what dA and dx need, and dB = s · dyᵀ a in B's dtype. Where the
-    kernels run and dy is 16-bit, both from one read of dy (fast/b_grads_kernel.py; dB then
+def b_side_grads(dy, a, b_s, scaling, b_dtype):
+    """g_a = dy (s B) [N, r], what dA and dx need, and dB = s · dyᵀ a in `b_dtype` (B's). Where
+    the kernels run and dy is 16-bit, both from one read of dy (fast/b_grads_kernel.py; dB then
     leaves the kernel in fp32 rather than dy's dtype); else two products (fp32 dy: full fp32
     products, which the kernel's tf32 would not be)."""
-    b_s = (lora_b * scaling).to(dtype)
-    if state.kernels_on(dy.device) and dtype != torch.float32:
+    if state.kernels_on(dy.device) and b_s.dtype != torch.float32:
         g_a, dyt_a = b_grads_kernel.b_grads(dy, a, b_s)
     else:
         g_a, dyt_a = dy @ b_s, dy.t() @ a
-    return g_a, dyt_a.mul_(scaling).to(lora_b.dtype)
+    return g_a, dyt_a.mul_(scaling).to(b_dtype)
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -124,42 +128,45 @@ class LoRALinearFunction(torch.autograd.Function):
         shape, x_dtype = x.shape, x.dtype
         x = x.reshape(-1, shape[-1]).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
+            # A and s·B in the compute dtype, made once here and kept for backward (r x in, out x r)
+            a_w, b_s = lora_a.to(dtype), scaled_b(lora_b, scaling, dtype)
             mask, ctx.seed = None, None
             if dropout > 0 and fused_dropout:
                 ctx.seed = dropout_seed()
-                x_d, a = x, kernels.dropout_a_forward(x, lora_a, ctx.seed, dropout)
+                x_d, a = x, kernels.dropout_a_forward(x, a_w, ctx.seed, dropout)
             else:
                 if dropout > 0:
                     x_d, mask = torch.native_dropout(x, dropout, True)
                     mask = kernel(pack_mask, x.device)(mask)
                 else:
                     x_d = x
-                a = x_d @ lora_a.to(dtype).t()
+                a = x_d @ a_w.t()
             if output_needed:
-                y = output(x, a, lora_b, scaling, base, dtype)
+                y = output(x, a, b_s, base, dtype)
             else:  # a recompute that only needs the saved tensors: zeros, no memory, no GEMM
                 y = x.new_zeros(()).expand(x.shape[0], base.out_features)
         ctx.rebuild_x_d = mask is not None and shared_input
-        ctx.save_for_backward(x if ctx.rebuild_x_d else x_d, mask, a, lora_a, lora_b)
+        ctx.save_for_backward(x if ctx.rebuild_x_d else x_d, mask, a, a_w, b_s)
         ctx.base, ctx.scaling, ctx.dropout, ctx.dtype = base, scaling, dropout, dtype
+        ctx.weight_dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.x_shape, ctx.x_dtype = shape, x_dtype
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x_or_x_d, mask, a, lora_a, lora_b = ctx.saved_tensors
-        dtype, s, keep = ctx.dtype, ctx.scaling, 1 - ctx.dropout
+        x_or_x_d, mask, a, a_w, b_s = ctx.saved_tensors
+        dtype, keep = ctx.dtype, 1 - ctx.dropout
+        a_dtype, b_dtype = ctx.weight_dtypes
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)
         with torch.autocast(dy.device.type, enabled=False):
-            g_a, d_b = b_side_grads(dy, a, lora_b, s, dtype)
+            g_a, d_b = b_side_grads(dy, a, b_s, ctx.scaling, b_dtype)
             if ctx.seed is not None:  # one kernel: dA, and the masked LoRA term into dx
                 dx = dy @ dense_weight(ctx.base, dtype) if ctx.needs_input_grad[0] else None
-                d_a = kernels.dropout_a_backward(x_or_x_d, g_a, lora_a, dx, ctx.seed, ctx.dropout)
-                d_a = d_a.to(lora_a.dtype)
+                d_a = kernels.dropout_a_backward(x_or_x_d, g_a, a_w, dx, ctx.seed, ctx.dropout)
+                d_a = d_a.to(a_dtype)
             else:
-                a_w = lora_a.to(dtype)
                 x_d = kernel(apply_mask, dy.device)(x_or_x_d, mask, 1 / keep) if ctx.rebuild_x_d else x_or_x_d
-                d_a = (g_a.t() @ x_d).to(lora_a.dtype)
+                d_a = (g_a.t() @ x_d).to(a_dtype)
                 del x_d
                 dx = None
                 if ctx.needs_input_grad[0]:

@@ -14,6 +14,13 @@ Written out, each is one function of its inputs:
                dx = r · (g − x̂ · mean(g ⊙ x̂))               dw = Σ_rows dy ⊙ x̂ (if w trains)
       saves    x (the layer already holds it) and r: one float per row
 
+    Residual stream  a decoder layer adds each branch to the stream, h = x + branch, and
+               the next norm reads h: y = RMSNorm(h). Backward, h's gradient is the stream's dh
+               plus the norm's dx. One pass each way instead of two (the add, the norm): the
+               add goes into the norm's kernel, and the gradients' sum into its backward, so
+               autograd no longer adds two [tokens, hidden] gradients in a pass of its own.
+               The first norm of a layer has no branch (h = x) but still takes the sum.
+
     SwiGLU     y  = silu(g) ⊙ u = g σ(g) ⊙ u
       backward du = dy ⊙ g σ(g)
                dg = dy ⊙ u ⊙ σ(g) (1 + g (1 − σ(g)))
@@ -53,6 +60,22 @@ def rms_norm_backward(dy, x, weight, rstd):
     x_hat = x.float() * rstd
     g = dy.float() * weight.float()
     return (rstd * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def residual_rms_norm_forward(x, branch, weight, eps):
+    h = x + branch
+    return (h, *rms_norm_forward(h, weight, eps))
+
+
+def rms_norm_backward_with_residual(dy, x, weight, rstd, d_residual):
+    """dx of the norm, rounded as `rms_norm_backward` rounds it, plus the residual stream's
+    gradient: the sum autograd would form, in the same pass."""
+    return rms_norm_backward(dy, x, weight, rstd) + d_residual
+
+
+def rms_norm_weight_grad(dy, x, weight, rstd):
+    x_hat = (x.float() * rstd).to(x.dtype)
+    return (dy * x_hat).float().flatten(0, -2).sum(0).to(weight.dtype)
 
 
 def swiglu_forward(gate, up):
@@ -136,11 +159,39 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             dx = kernel(rms_norm_backward, x.device)(dy, x, weight, rstd)
-            dw = None
-            if ctx.needs_input_grad[1]:  # norm weights are frozen in QLoRA; this is for completeness
-                x_hat = (x.float() * rstd).to(x.dtype)
-                dw = (dy * x_hat).float().flatten(0, -2).sum(0).to(weight.dtype)
+            # norm weights are frozen in QLoRA; this is for completeness
+            dw = rms_norm_weight_grad(dy, x, weight, rstd) if ctx.needs_input_grad[1] else None
         return dx, dw, None
+
+
+class ResidualRMSNormFunction(torch.autograd.Function):
+    """(h, RMSNorm(h)) for h = x + branch, or h = x where `branch` is None (module docstring,
+    "Residual stream"): a decoder layer's stream h goes on to the next add, the norm's output
+    into the attention or the MLP. Backward returns one gradient, dh + the norm's dx, to x and
+    to the branch alike."""
+
+    @staticmethod
+    def forward(ctx, x, branch, weight, eps):
+        with torch.autocast(x.device.type, enabled=False):
+            if branch is None:
+                h = x.view_as(x)  # the stream passes through; its gradient comes back in backward
+                y, rstd = kernel(rms_norm_forward, x.device)(x, weight, eps)
+            else:
+                h, y, rstd = kernel(residual_rms_norm_forward, x.device)(x, branch, weight, eps)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.has_branch = branch is not None
+        return h, y
+
+    @staticmethod
+    def backward(ctx, dh, dy):
+        h, weight, rstd = ctx.saved_tensors
+        with torch.autocast(h.device.type, enabled=False):
+            if dh is None:
+                dx = kernel(rms_norm_backward, h.device)(dy, h, weight, rstd)
+            else:
+                dx = kernel(rms_norm_backward_with_residual, h.device)(dy, h, weight, rstd, dh)
+            dw = rms_norm_weight_grad(dy, h, weight, rstd) if ctx.needs_input_grad[2] else None
+        return dx, dx if ctx.has_branch else None, dw, None
 
 
 class SwiGLUFunction(torch.autograd.Function):

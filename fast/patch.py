@@ -13,6 +13,10 @@ Each module keeps its class, parameters and state dict; only its bound `forward`
                                         else `SwiGLUFunction` and down_proj; in a checkpoint's
                                         recompute down_proj without its GEMM
     attention    FUSABLE_ATTENTIONS  -> q/k/v together, rotary through `RotaryFunction`
+    decoder layer                    -> the residual stream through `ResidualRMSNormFunction`:
+                 FUSABLE_DECODERS       the add before the second norm inside that norm's kernel,
+                                        and in backward the stream's gradient added inside both
+                                        norms' (the layer's norms are then not called as modules)
 
 Only the classes whose math is exactly fast/ops.py's formulas are swapped; others, such as
 Gemma's (1 + w) norm, keep their own forward. `state.use_kernels(compile)` decides whether the
@@ -27,7 +31,8 @@ import torch
 
 import fast.state as state
 from fast.lora_function import FastLoRAForward
-from fast.ops import RMSNormFunction, RotaryFunction, SwiGLUFunction, kernel, swiglu_forward
+from fast.ops import (ResidualRMSNormFunction, RMSNormFunction, RotaryFunction, SwiGLUFunction, kernel,
+                      swiglu_forward)
 from fast.siblings import run_together
 from fast.swiglu_down import run_fused
 from lora.layer import LoRALinear
@@ -41,6 +46,9 @@ FUSABLE_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 # Attention classes whose forward calls their modeling module's global
 # `apply_rotary_pos_emb(q, k, cos, sin)`, written as fast/ops.py's Rotary formula.
 FUSABLE_ATTENTIONS = ("LlamaAttention", "MistralAttention", "MixtralAttention", "Qwen2Attention")
+# Decoder layers whose forward is exactly `h = x + attn(norm1(x)); return h + mlp(norm2(h))`,
+# with their norms in FUSABLE_NORMS and keyword arguments passed on to the attention.
+FUSABLE_DECODERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "MixtralDecoderLayer", "Qwen2DecoderLayer")
 # Projections that read the same input as their siblings (attention's q/k/v; the SwiGLU
 # gate/up, Mixtral's w1/w3): with torch's dropout, their backward keeps that input once.
 SHARED_INPUT_NAMES = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "w1", "w3"}
@@ -174,6 +182,23 @@ def _fused_attention_forward(attention, *args, **kwargs):
             forward_of.precomputed = None  # never kept past this call, taken or not
 
 
+@_fast_forward
+def _fused_decoder_forward(layer, hidden_states, *args, **kwargs):
+    """transformers' decoder layer, h = x + attention(norm1(x)) and out = h + mlp(norm2(h)), with
+    the stream and both norms through `ResidualRMSNormFunction` (fast/ops.py): per layer, one
+    pass less forward (x + attention's output inside norm2's kernel) and two backward (the
+    stream's gradient added inside each norm's backward instead of by autograd). The same
+    arithmetic: the sums are the ones autograd formed, in the same dtype. The attention and the
+    MLP run as modules, their fast forwards included."""
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if state.is_inference(layer) or args or not all(type(norm).__name__ in FUSABLE_NORMS for norm in norms):
+        return layer._forward_before_fast(hidden_states, *args, **kwargs)
+    x, normed = ResidualRMSNormFunction.apply(hidden_states, None, norms[0].weight, norms[0].variance_epsilon)
+    attended, _ = layer.self_attn(hidden_states=normed, **kwargs)
+    h, normed = ResidualRMSNormFunction.apply(x, attended, norms[1].weight, norms[1].variance_epsilon)
+    return h + layer.mlp(normed)
+
+
 def is_swiglu_mlp(module):
     """`down(silu(gate(x)) * up(x))` in a decoder layer whose MLP output only feeds the residual
     add. Named classes only: a look-alike elsewhere (OLMo-2 normalises the MLP's output, so its
@@ -187,8 +212,8 @@ def enable(model, compile=True):
     before gradient checkpointing (training.grad_ckpt.enable wraps the forwards set here).
 
     Every LoRALinear trains through fast/lora_function.py (q/k/v and gate/up as one function
-    where their dropout allows, fast/siblings.py); every fusable RMSNorm, SwiGLU MLP and
-    attention's rotary embedding through fast/ops.py. `compile` sets fast/state.py's one switch:
+    where their dropout allows, fast/siblings.py); every fusable RMSNorm, SwiGLU MLP,
+    attention's rotary embedding and decoder layer's residual stream through fast/ops.py. `compile` sets fast/state.py's one switch:
     True runs the Triton kernels and torch.compile's fusions on CUDA (LoRA dropout then draws
     hash masks, not torch's); False keeps every fast function eager, with torch's dropout.
     Returns how many modules' forwards were swapped, LoRA layers included; a second call swaps none.
@@ -207,6 +232,8 @@ def enable(model, compile=True):
         elif type(module).__name__ in FUSABLE_ATTENTIONS:
             _install_rotary_dispatch(sys.modules[type(module).__module__])
             _install(module, _fused_attention_forward)
+        elif type(module).__name__ in FUSABLE_DECODERS:
+            _install(module, _fused_decoder_forward)
         else:
             continue
         swapped += 1

@@ -31,8 +31,8 @@ import torch
 
 import fast.dropout_kernels as kernels
 import fast.state as state
-from fast.lora_function import (b_side_grads, compute_dtype, dense_weight, dropout_seed, output, training_dropout,
-                                uses_reference)
+from fast.lora_function import (b_side_grads, compute_dtype, dense_weight, dropout_seed, output, scaled_b,
+                                training_dropout, uses_reference)
 from lora.layer import LoRALinear
 
 
@@ -64,45 +64,48 @@ class LoRASiblingsFunction(torch.autograd.Function):
         x = x.reshape(-1, shape[-1]).to(dtype)
         r = lora_as[0].shape[0]
         with torch.autocast(x.device.type, enabled=False):
-            a_stacked = torch.cat(lora_as)
+            # the A's stacked and the s·B's in the compute dtype, made once and kept for backward
+            a_stacked = torch.cat(lora_as).to(dtype)
+            b_ss = [scaled_b(b, s, dtype) for b, s in zip(lora_bs, scalings)]
             ctx.seed = None
             if dropout > 0:
                 ctx.seed = dropout_seed()
                 a = kernels.dropout_a_forward(x, a_stacked, ctx.seed, dropout, members=len(bases))
             else:
-                a = x @ a_stacked.to(dtype).t()
+                a = x @ a_stacked.t()
             # One tensor per output, laid out as a layer of its own would make it: column views
             # of one [N, Σ out] tensor ran the step 1% slower (bench/RESULTS.md, run M).
-            outputs = [output(x, a[:, j * r:(j + 1) * r], b, s, base, dtype).reshape(*shape[:-1], base.out_features)
-                       for j, (base, b, s) in enumerate(zip(bases, lora_bs, scalings))]
-        ctx.save_for_backward(x, a, *weights)
+            outputs = [output(x, a[:, j * r:(j + 1) * r], b_s, base, dtype).reshape(*shape[:-1], base.out_features)
+                       for j, (base, b_s) in enumerate(zip(bases, b_ss))]
+        ctx.save_for_backward(x, a, a_stacked, *b_ss)
         ctx.bases, ctx.scalings, ctx.dropout, ctx.dtype = bases, scalings, dropout, dtype
+        ctx.weight_dtypes = (lora_as[0].dtype, [b.dtype for b in lora_bs])
         ctx.x_shape, ctx.x_dtype = shape, x_dtype
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *dys):
-        x, a, *weights = ctx.saved_tensors
-        lora_as, lora_bs = weights[0::2], weights[1::2]
-        dtype, r = ctx.dtype, lora_as[0].shape[0]
+        x, a, a_stacked, *b_ss = ctx.saved_tensors
+        a_dtype, b_dtypes = ctx.weight_dtypes
+        dtype, members = ctx.dtype, len(b_ss)
+        r = a_stacked.shape[0] // members
         dys = [dy.reshape(-1, dy.shape[-1]).to(dtype) for dy in dys]
         with torch.autocast(x.device.type, enabled=False):
-            g_as, d_bs = zip(*[b_side_grads(dy, a[:, j * r:(j + 1) * r], b, s, dtype)
-                               for j, (dy, b, s) in enumerate(zip(dys, lora_bs, ctx.scalings))])
+            g_as, d_bs = zip(*[b_side_grads(dy, a[:, j * r:(j + 1) * r], b_s, s, b_dtype)
+                               for j, (dy, b_s, s, b_dtype) in enumerate(zip(dys, b_ss, ctx.scalings, b_dtypes))])
             g_a = torch.cat(g_as, dim=1)
             dx = None
             if ctx.needs_input_grad[0]:  # every term added into one tensor, in place
                 dx = dys[0] @ dense_weight(ctx.bases[0], dtype)
                 for dy, base in zip(dys[1:], ctx.bases[1:]):
                     dx.addmm_(dy, dense_weight(base, dtype))
-            a_stacked = torch.cat(lora_as)
             if ctx.seed is not None:
-                d_a = kernels.dropout_a_backward(x, g_a, a_stacked, dx, ctx.seed, ctx.dropout, members=len(lora_as))
+                d_a = kernels.dropout_a_backward(x, g_a, a_stacked, dx, ctx.seed, ctx.dropout, members=members)
             else:
                 d_a = g_a.t() @ x
                 if dx is not None:
-                    dx.addmm_(g_a, a_stacked.to(dtype))
-            d_as = d_a.to(a_stacked.dtype).split(r)
+                    dx.addmm_(g_a, a_stacked)
+            d_as = d_a.to(a_dtype).split(r)
             if dx is not None:
                 dx = dx.reshape(ctx.x_shape).to(ctx.x_dtype)
         return (dx, None, None, None, None) + tuple(g for pair in zip(d_as, d_bs) for g in pair)

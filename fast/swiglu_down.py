@@ -43,8 +43,8 @@ import torch
 import fast.dropout_kernels as kernels
 import fast.state as state
 from fast.dropout_kernels import keep_scale, keep_threshold
-from fast.lora_function import (b_side_grads, compute_dtype, dense_weight, dropout_seed, output, training_dropout,
-                                uses_reference)
+from fast.lora_function import (b_side_grads, compute_dtype, dense_weight, dropout_seed, output, scaled_b,
+                                training_dropout, uses_reference)
 from fast.triton_support import tl, triton
 
 # Tiles (rows x columns of g, u): the fastest of bench/kernel_tiles.py --kernels swiglu on an
@@ -106,29 +106,30 @@ class SwiGLUDownFunction(torch.autograd.Function):
         gate = gate.reshape(-1, shape[-1]).to(dtype).contiguous()
         up = up.reshape(-1, shape[-1]).to(dtype).contiguous()
         with torch.autocast(gate.device.type, enabled=False):
+            a_w, b_s = lora_a.to(dtype), scaled_b(lora_b, scaling, dtype)  # kept for backward too
             ctx.seed = dropout_seed()
-            h, a = swiglu_a_forward(gate, up, lora_a, ctx.seed, dropout, store_h=output_needed)
+            h, a = swiglu_a_forward(gate, up, a_w, ctx.seed, dropout, store_h=output_needed)
             if output_needed:
-                y = output(h, a, lora_b, scaling, base, dtype)
+                y = output(h, a, b_s, base, dtype)
             else:  # a recompute that only needs the saved tensors: zeros, no memory, no GEMM
                 y = gate.new_zeros(()).expand(gate.shape[0], base.out_features)
-        ctx.save_for_backward(gate, up, a, lora_a, lora_b)
+        ctx.save_for_backward(gate, up, a, a_w, b_s)
         ctx.base, ctx.scaling, ctx.dropout, ctx.dtype, ctx.shape = base, scaling, dropout, dtype, shape
-        ctx.input_dtypes = (gate_dtype, up_dtype)
+        ctx.input_dtypes, ctx.weight_dtypes = (gate_dtype, up_dtype), (lora_a.dtype, lora_b.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        gate, up, a, lora_a, lora_b = ctx.saved_tensors
+        gate, up, a, a_w, b_s = ctx.saved_tensors
         dtype = ctx.dtype
+        (gate_dtype, up_dtype), (a_dtype, b_dtype) = ctx.input_dtypes, ctx.weight_dtypes
         dy = dy.reshape(-1, dy.shape[-1]).to(dtype)
         with torch.autocast(dy.device.type, enabled=False):
-            g_a, d_b = b_side_grads(dy, a, lora_b, ctx.scaling, dtype)
+            g_a, d_b = b_side_grads(dy, a, b_s, ctx.scaling, b_dtype)
             dh = dy @ dense_weight(ctx.base, dtype)
-            d_a, d_gate, d_up = swiglu_a_backward(gate, up, dh, g_a, lora_a, ctx.seed, ctx.dropout)
-        gate_dtype, up_dtype = ctx.input_dtypes
+            d_a, d_gate, d_up = swiglu_a_backward(gate, up, dh, g_a, a_w, ctx.seed, ctx.dropout)
         return (d_gate.reshape(ctx.shape).to(gate_dtype), d_up.reshape(ctx.shape).to(up_dtype),
-                d_a.to(lora_a.dtype), d_b, None, None, None, None, None)
+                d_a.to(a_dtype), d_b, None, None, None, None, None)
 
 
 if triton is not None:

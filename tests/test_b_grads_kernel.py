@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fast import b_grads_kernel, state
-from fast.lora_function import b_side_grads
+from fast.lora_function import b_side_grads, scaled_b
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -55,13 +55,13 @@ def test_b_side_grads_with_and_without_the_kernel(small_tiles, monkeypatch):
     a = torch.randn(n, r, device=DEVICE, dtype=torch.bfloat16)
     lora_b = torch.randn(out, r, device=DEVICE)
     monkeypatch.setattr(state, "kernels_on", lambda device: True)
-    fused = b_side_grads(dy, a, lora_b, 0.5, torch.bfloat16)
+    fused = b_side_grads(dy, a, scaled_b(lora_b, 0.5, torch.bfloat16), 0.5, torch.float32)
     monkeypatch.setattr(state, "kernels_on", lambda device: False)
-    apart = b_side_grads(dy, a, lora_b, 0.5, torch.bfloat16)
+    apart = b_side_grads(dy, a, scaled_b(lora_b, 0.5, torch.bfloat16), 0.5, torch.float32)
     for f, p in zip(fused, apart):
         assert f.dtype == p.dtype and rel_err(f, p.double()) <= 2**-8
     # fp32 compute never takes the kernel (its products would be tf32 on a GPU)
     monkeypatch.setattr(state, "kernels_on", lambda device: True)
     monkeypatch.setattr(b_grads_kernel, "b_grads", None)
-    b_side_grads(dy.float(), a.float(), lora_b, 0.5, torch.float32)
+    b_side_grads(dy.float(), a.float(), scaled_b(lora_b, 0.5, torch.float32), 0.5, torch.float32)
 

@@ -98,6 +98,27 @@ def test_fast_with_gradient_checkpointing(make_model_dir, offload):
     assert_same_training(reference, faster, ids())
 
 
+def test_decoder_layers_residual_stream_changes_no_bit(make_model_dir, monkeypatch):
+    # fast/patch.py's decoder forward moves the residual adds into the norms' kernels (fast/ops.py
+    # ResidualRMSNormFunction) and adds no rounding: against the same fast model with
+    # transformers' decoder forward put back, every logit and gradient is the same bit for bit.
+    _, faster = reference_and_fast(make_model_dir, "mistral", nf4=True, dropout=0.1)
+    unfused = copy.deepcopy(faster)
+    for layer in unfused.get_decoder().layers:
+        layer.forward = layer._forward_before_fast
+    calls = []
+    apply = ops.ResidualRMSNormFunction.apply
+    monkeypatch.setattr(ops.ResidualRMSNormFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    logits, loss, grads = step(faster, ids())
+    assert len(calls) == 2 * len(faster.get_decoder().layers)
+    want_logits, want_loss, want_grads = step(unfused, ids())
+    assert len(calls) == 2 * len(faster.get_decoder().layers)  # the unfused model made none
+    assert torch.equal(logits, want_logits) and torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys()
+    for k in grads:
+        assert torch.equal(grads[k], want_grads[k]), k
+
+
 def test_inference_runs_the_models_own_forwards(make_model_dir, monkeypatch):
     reference, faster = reference_and_fast(make_model_dir, "llama", nf4=True, dropout=0.1)
     used = []
@@ -146,8 +167,8 @@ def test_enable_swaps_instances_once(make_model_dir):
     model = quant.load_model(make_model_dir("llama"), quant=None, compute_dtype=torch.float32, device="cpu")
     wrapped = lora.inject(model, "all-linear", r=4, alpha=8)
     layers = len(model.model.layers)
-    # every LoRA layer, then 2 norms, the MLP and the attention per layer, and the final norm
-    assert fast.enable(model, compile=False) == len(wrapped) + 4 * layers + 1
+    # every LoRA layer, then 2 norms, the MLP, the attention and the layer itself per layer, and the final norm
+    assert fast.enable(model, compile=False) == len(wrapped) + 5 * layers + 1
     assert fast.enable(model, compile=False) == 0  # twice is a no-op
     shared = {name.rsplit(".", 1)[-1]: fast_lora(m).shared_input for name, m in lora.lora_modules(model).items()}
     assert shared == dict(q_proj=True, k_proj=True, v_proj=True, o_proj=False, gate_proj=True, up_proj=True,

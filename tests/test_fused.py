@@ -60,6 +60,35 @@ def test_rms_norm_matches_transformers(dtype):
     assert_gradients_match(d, ref_d, copy.deepcopy(norm).double(), [x])
 
 
+@pytest.mark.parametrize("branch", [False, True], ids=["stream-only", "stream+branch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_norm_is_the_add_and_the_norm_bit_for_bit(dtype, branch):
+    # ResidualRMSNormFunction against what the decoder layer did before it: `x + branch` (or x),
+    # then RMSNormFunction, with autograd summing the stream's and the norm's gradients. The
+    # same roundings in the same order (eager here), so bit-equal, gradients included.
+    norm, _ = norm_and_mlp(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.3)
+    g = torch.Generator().manual_seed(0)
+    x, b = (torch.randn(3, 7, norm.weight.shape[0], generator=g).to(dtype) for _ in range(2))
+    dh, dy = (torch.randn(3, 7, norm.weight.shape[0], generator=g).to(dtype) for _ in range(2))
+
+    def run(fused):
+        inputs = [t.clone().requires_grad_() for t in (x, b)]
+        branch_in = inputs[1] if branch else None
+        if fused:
+            h, y = ops.ResidualRMSNormFunction.apply(inputs[0], branch_in, norm.weight, norm.variance_epsilon)
+        else:
+            h = inputs[0] + branch_in if branch else inputs[0]
+            y = ops.RMSNormFunction.apply(h, norm.weight, norm.variance_epsilon)
+        torch.autograd.backward([h, y], [dh, dy])
+        return h.detach(), y.detach(), inputs[0].grad, inputs[1].grad
+
+    for got, want in zip(run(True), run(False)):
+        assert (got is None) == (want is None)
+        assert got is None or torch.equal(got, want)
+
+
 def test_rms_norm_weight_gradient_when_it_trains():
     norm, _ = norm_and_mlp(torch.float32)
     x = torch.randn(5, norm.weight.shape[0], generator=torch.Generator().manual_seed(0))
@@ -148,6 +177,8 @@ def test_compiled_kernels_equal_eager(device, dtype):
         (ops.add_masked_, (dy.clone(), gate, packed, 1 / 0.9)),
         (ops.rms_norm_forward, (x, w, 1e-6)),
         (ops.rms_norm_backward, (dy, x, w, rstd)),
+        (ops.residual_rms_norm_forward, (x, dy, w, 1e-6)),
+        (ops.rms_norm_backward_with_residual, (dy, x, w, rstd, gate)),
         (ops.swiglu_forward, (gate, up)),
         (ops.swiglu_backward, (dy, gate, up)),
     ]

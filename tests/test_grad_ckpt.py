@@ -175,8 +175,11 @@ def test_lean_kept_layer_saves_less_by_the_swiglu_output():
     config = model.config
     tokens = 2 * 13
     h = tokens * config.intermediate_size * 4  # fp32 on the CPU
-    a = tokens * 4 * 4  # down_proj's LoRA product [tokens, r]: saved inside the rebuild hooks, unseen there
-    assert plain.saved - lean.saved == h + a
+    # saved inside the rebuild hooks, unseen there: down_proj's LoRA product a [tokens, r] and its
+    # s·B [hidden, r] (its A is the parameter itself in fp32, which the probe does not count)
+    a = tokens * 4 * 4
+    b_s = config.hidden_size * 4 * 4
+    assert plain.saved - lean.saved == h + a + b_s
 
 
 def test_apply_goes_lean_only_when_memory_binds():
