@@ -212,10 +212,11 @@ def enable(model, compile=True):
     before gradient checkpointing (training.grad_ckpt.enable wraps the forwards set here).
 
     Every LoRALinear trains through fast/lora_function.py (q/k/v and gate/up as one function
-    where their dropout allows, fast/siblings.py); every fusable RMSNorm, SwiGLU MLP,
-    attention's rotary embedding and decoder layer's residual stream through fast/ops.py. `compile` sets fast/state.py's one switch:
-    True runs the Triton kernels and torch.compile's fusions on CUDA (LoRA dropout then draws
-    hash masks, not torch's); False keeps every fast function eager, with torch's dropout.
+    where their dropout allows, fast/siblings.py); every fusable RMSNorm, SwiGLU MLP, attention's
+    rotary embedding and decoder layer's residual stream through fast/ops.py. `compile` sets
+    fast/state.py's one switch: True runs the Triton kernels and torch.compile's fusions on CUDA
+    (LoRA dropout then draws hash masks, not torch's); False keeps every fast function eager,
+    with torch's dropout.
     Returns how many modules' forwards were swapped, LoRA layers included; a second call swaps none.
     """
     state.use_kernels(compile)
