@@ -123,7 +123,7 @@ def test_inference_runs_the_models_own_forwards(make_model_dir, monkeypatch):
     reference, faster = reference_and_fast(make_model_dir, "llama", nf4=True, dropout=0.1)
     used = []
     for fn in (lora_function.LoRALinearFunction, siblings.LoRASiblingsFunction, ops.RMSNormFunction,
-               ops.SwiGLUFunction, ops.RotaryFunction):
+               ops.ResidualRMSNormFunction, ops.SwiGLUFunction, ops.RotaryFunction):
         monkeypatch.setattr(fn, "apply", lambda *a, _fn=fn.apply: used.append(1) or _fn(*a))
     with torch.no_grad():  # eval, no gradients: generation
         assert torch.equal(faster.eval()(input_ids=ids()).logits, reference.eval()(input_ids=ids()).logits)
