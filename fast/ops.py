@@ -186,10 +186,8 @@ class ResidualRMSNormFunction(torch.autograd.Function):
     def backward(ctx, dh, dy):
         h, weight, rstd = ctx.saved_tensors
         with torch.autocast(h.device.type, enabled=False):
-            if dh is None:
-                dx = kernel(rms_norm_backward, h.device)(dy, h, weight, rstd)
-            else:
-                dx = kernel(rms_norm_backward_with_residual, h.device)(dy, h, weight, rstd, dh)
+            # dh is never None: autograd materializes an unused output's gradient as zeros
+            dx = kernel(rms_norm_backward_with_residual, h.device)(dy, h, weight, rstd, dh)
             dw = rms_norm_weight_grad(dy, h, weight, rstd) if ctx.needs_input_grad[2] else None
         return dx, dx if ctx.has_branch else None, dw, None
 
