@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decode import (NEW, PROMPT, build_dense, first_difference, random_prompts, timed,  # noqa: E402 (bench/decode.py)
                     to_gptq)
+from quant import gptq_checkpoint  # noqa: E402
 from rawqlora import cuda_graph, sibling_projections  # noqa: E402
 from rawqlora.decode import generate  # noqa: E402
 
@@ -49,6 +50,7 @@ def main():
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the median one is reported")
     p.add_argument("--no-fuse", action="store_true", help="q/k/v and gate/up as separate products")
+    p.add_argument("--no-gemv", action="store_true", help="GPTQ: tinygemm for one row too, not quant/gptq_gemv.py")
     args = p.parse_args()
     args.cpu = False
     lines = []
@@ -57,6 +59,8 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
+    if args.no_gemv:
+        gptq_checkpoint.tile_for = lambda n, k, group: None
     dense = build_dense(args, torch.device("cuda"))
     prompt = random_prompts(dense.config.vocab_size, [PROMPT], 0)
     models = {name: dense if name == "bf16" else to_gptq(dense) for name in args.models.split(",")}

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from quant.experts import module_key, unfuse_experts
 from quant.gptq import BITS, DAMP, dequantize
+from quant.gptq_gemv import Workspace, gptq_gemv, tile_for
 from quant.load import (checkpoint_files, open_checkpoint, place, read_config, read_tensor,
                         rebuild_computed_buffers)
 from quant.save import MAX_SHARD_BYTES, write_model
@@ -61,7 +62,7 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16, device=device) if bias else None)
-        self.dense = self.int4 = None  # runtime forms, built by prepare(); not in the state dict
+        self.dense = self.int4 = self.gemv = None  # runtime forms, built by prepare(); not in the state dict
 
     @classmethod
     def from_quantized(cls, q, bias=None):
@@ -81,20 +82,24 @@ class GPTQLinear(nn.Module):
         return dequantize(codes, self.scales, zeros, self.g_idx)
 
     def prepare(self, dtype):
-        self.dense = self.int4 = None
+        self.dense = self.int4 = self.gemv = None
         if self.qweight.is_cuda and dtype == torch.bfloat16 and self.int4_eligible():
             self.prepare_int4()
         else:
             self.dense = self.dequantize().to(dtype)
 
     def forward(self, x):
+        if self.gemv is not None and x.numel() == self.in_features:  # one row: batch-1 decode
+            return self.gemv_forward(x)
         if self.int4 is not None:
             return self.int4_forward(x)
         weight = self.dense if self.dense is not None else self.dequantize().to(x.dtype)  # unprepared: slow, correct
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     # --- CUDA: PyTorch's int4 kernel (tinygemm), as gpt-fast uses it. Not testable on a CPU machine;
-    # tinygemm_layout() is tested through the CPU twin of the kernel (tests/test_gptq.py).
+    # tinygemm_layout() is tested through the CPU twin of the kernel (tests/test_gptq.py). One row of x
+    # (batch-1 decode) goes to quant/gptq_gemv.py's kernel instead, which reads qweight in place and
+    # streams it faster (bench/RESULTS.md); its tests run it in Triton's CPU interpreter.
 
     def int4_eligible(self):
         # tinygemm: sm80+, groups of 32..256, in_features a multiple of 16·inner_k_tiles (>= 2), out a multiple of 8.
@@ -130,12 +135,30 @@ class GPTQLinear(nn.Module):
         self.int4 = torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
         self.int4_scales = scales_and_zeros.to(torch.bfloat16)  # the kernel takes bf16 only: fp16 scales round here
         self.int4_perm = perm
+        if perm is None:  # act-order's scattered groups: tinygemm only
+            self.prepare_gemv()
 
     def int4_forward(self, x):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.int4_perm is not None:
             x2 = x2[:, self.int4_perm]
         y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.int4, self.group_size, self.int4_scales)
+        return self._finish(y, x)
+
+    def prepare_gemv(self):
+        """quant/gptq_gemv.py's kernel for one row of x, where its tile fits (groups in column order)."""
+        tile = tile_for(self.out_features, self.in_features, self.group_size)
+        if tile is not None:
+            zeros = (unpack(self.qzeros.T).T + 1).to(torch.uint8)
+            self.gemv = (tile, zeros, Workspace.for_tile(self.out_features, self.in_features, tile, self.qweight.device))
+
+    def gemv_forward(self, x):
+        tile, zeros, workspace = self.gemv
+        x1 = x.reshape(1, self.in_features).to(torch.bfloat16).contiguous()
+        return self._finish(gptq_gemv(x1, self.qweight, self.scales, zeros, self.group_size, tile, workspace), x)
+
+    def _finish(self, y, x):
+        """The kernels' y [rows, out] bf16: + bias, in x's shape and dtype."""
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

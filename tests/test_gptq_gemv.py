@@ -1,0 +1,72 @@
+"""quant/gptq_gemv.py, the batch-1 GPTQ product, against float64 products of the checkpoint's own Ŵ.
+
+Without a GPU the kernel runs in Triton's CPU interpreter (conftest.py): the same program, its
+split-K partial sums, the counter protocol and its reset, one program at a time.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant import gptq
+from quant.gptq_checkpoint import GPTQLinear, unpack
+from quant.gptq_gemv import GemvTile, Workspace, gptq_gemv, gptq_gemv_reference, tile_for
+
+
+def quantized_layer(n, k, group, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = gptq.rtn_quantize(torch.randn(n, k, generator=g) * 0.02, group_size=group)
+    return GPTQLinear.from_quantized(q)
+
+
+def checkpoint_zeros(layer):
+    return (unpack(layer.qzeros.T).T + 1).to(torch.uint8)
+
+
+@pytest.mark.parametrize("tile, k, group", [
+    (GemvTile(256, 128, 1, 2), 512, 128),  # the library's tile: 4 partial sums per column block
+    (GemvTile(256, 32, 4, 1), 1024, 128),  # several steps a program, 8 partials
+    (GemvTile(256, 64, 1, 2), 512, 64),  # a group per step
+    (GemvTile(256, 32, 2, 1), 256, 32),  # several groups a program
+    (GemvTile(256, 128, 2, 2), 256, 128),  # one program along K: no partials, y written directly
+])
+def test_kernel_equals_float64_product(tile, k, group):
+    n = 512
+    layer = quantized_layer(n, k, group, seed=k + group)
+    zeros = checkpoint_zeros(layer)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ layer.dequantize().double().T
+    ws = Workspace.for_tile(n, k, tile, "cpu")
+    y = gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws)
+    # fp32 x and y: only the kernel's own fp32 sums differ from float64 (taking out the 1 and 16 of
+    # the codes' floats cancels by at most 256x: ~2^-16 of the scale, measured ~2e-6)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
+    assert torch.count_nonzero(ws.counters) == 0  # ready for the next call
+    assert torch.equal(gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws), y)  # same order, same bits
+    assert torch.allclose(gptq_gemv_reference(x, layer.qweight, layer.scales, zeros, group).double(), ref,
+                          rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_gptq_linear_sends_one_row_to_the_kernel():
+    n, k = 512, 256
+    layer = quantized_layer(n, k, 128, seed=3)
+    layer.prepare_gemv()
+    assert layer.gemv is not None and layer.gemv[0] == tile_for(n, k, 128)
+    x = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    tile, zeros, ws = layer.gemv
+    y = layer(x)
+    assert y.shape == (1, 1, n) and y.dtype == torch.bfloat16
+    assert torch.equal(y.reshape(1, n), gptq_gemv(x.reshape(1, k), layer.qweight, layer.scales, zeros, 128, tile, ws))
+    ref = F.linear(x.double(), layer.dequantize().double())
+    # bf16 y: one rounding of a float32 sum (the interpreter's float -> bf16 cast truncates: < 2^-7 relative)
+    torch.testing.assert_close(y.double(), ref, rtol=2**-7, atol=1e-3 * ref.abs().max().item())
+    rows = torch.randn(3, k, dtype=torch.bfloat16)  # more than one row: not the kernel's
+    torch.testing.assert_close(layer(rows).double(), F.linear(rows.double(), layer.dequantize().double()),
+                               rtol=2**-7, atol=1e-2)
+
+
+def test_tile_only_where_it_fits():
+    assert tile_for(4096, 4096, 128) == GemvTile(256, 128, 1, 2)
+    assert tile_for(4096, 4096, 64).block_k == 64  # a step never straddles a group
+    assert tile_for(4000, 4096, 128) is None  # outputs not a multiple of the block: tinygemm
+    assert tile_for(4096, 4160, 128) is None
