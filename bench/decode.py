@@ -10,7 +10,8 @@ Models, random init, built on the GPU in seconds (nothing is read from disk):
     nf4    every decoder Linear quantized as quant.load_model does it (NF4, double quantization,
            bf16 compute) + a LoRA adapter, r=16 alpha=16 on every linear, B random (non-zero), unmerged
     gptq   every decoder Linear rounded to nearest on GPTQ's grid (4 bits, groups of 128), packed
-           as a GPTQ checkpoint stores it, then GPTQLinear.prepare: PyTorch's int4 kernel (tinygemm)
+           as a GPTQ checkpoint stores it, then GPTQLinear.prepare: our int4 kernels for one row
+           (quant/gptq_gemv.py) and for prefills (gptq_matmul.py), PyTorch's tinygemm for batches
 
 q/k/v and gate/up are fused into one product each where generate.py fuses them (bf16, gptq;
 --no-fuse keeps them apart), and transformers' generate runs on the same model.
@@ -111,7 +112,7 @@ def to_gptq(dense):
         # Round-to-nearest on GPTQ's grid: the same format and kernel as GPTQ's codes, without calibration.
         q = gptq.rtn_quantize(linear.weight.data.float(), group_size=128)
         layer = GPTQLinear.from_quantized(q, linear.bias)
-        layer.prepare(torch.bfloat16)  # CUDA bf16: the int4 kernel; elsewhere a cached dense weight
+        layer.prepare(torch.bfloat16)  # CUDA bf16: the int4 kernels; elsewhere a cached dense weight
         model.set_submodule(name, layer)
     return model.eval()
 
@@ -237,7 +238,8 @@ def layer_capture_checks(hidden, intermediate, device):
     results["bnb.functional.gemv_4bit M=1"] = capture_check(
         lambda a: bnb.functional.gemv_4bit(a, nf4.weight.t(), state=state),
         lambda: torch.randn(1, 1, hidden, device=device, dtype=torch.bfloat16))
-    results["int4 kernel path taken"] = "yes" if int4.int4 is not None else "no (dense fallback)"
+    results["int4 kernels"] = ", ".join(name for name, there in (("ours", int4.own is not None),
+                                                                 ("tinygemm", int4.int4 is not None)) if there) or "none (dense fallback)"
     return results
 
 

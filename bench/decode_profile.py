@@ -50,7 +50,7 @@ def main():
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the median one is reported")
     p.add_argument("--no-fuse", action="store_true", help="q/k/v and gate/up as separate products")
-    p.add_argument("--no-gemv", action="store_true", help="GPTQ: tinygemm for one row too, not quant/gptq_gemv.py")
+    p.add_argument("--tinygemm", action="store_true", help="GPTQ on tinygemm, not our kernels (quant/gptq_gemv.py, gptq_matmul.py)")
     args = p.parse_args()
     args.cpu = False
     lines = []
@@ -59,8 +59,8 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
-    if args.no_gemv:
-        gptq_checkpoint.tile_for = lambda n, k, group: None
+    if args.tinygemm:
+        gptq_checkpoint.GPTQLinear.own_kernels_fit = lambda self: False
     dense = build_dense(args, torch.device("cuda"))
     prompt = random_prompts(dense.config.vocab_size, [PROMPT], 0)
     models = {name: dense if name == "bf16" else to_gptq(dense) for name in args.models.split(",")}

@@ -1,38 +1,34 @@
-"""The matrix-vector products of batch-1 decode on one CUDA GPU: cuBLAS bf16, tinygemm int4, our Triton int4.
+"""The products of decode on one CUDA GPU: cuBLAS bf16, tinygemm int4 and ours (quant/gptq_gemv.py, gptq_matmul.py).
 
-    python bench/gemv.py                # every 7B shape at M = 1, the fused ones at M = 8 too: ~3 min on an H200
-    python bench/gemv.py --quick        # q/o, fused qkv (M = 1 and 8) and down: a smoke run
-    python bench/gemv.py --no-compile   # without the torch.compile'd formula (its compiles take the most time)
+    python bench/gemv.py                # every 7B shape at M = 1 and 64, the fused ones at 8 and 32 too: ~2 min on an H200
+    python bench/gemv.py --quick        # q/o, fused qkv and down: a smoke run
     TRITON_INTERPRET=1 python bench/gemv.py --cpu   # toy shapes on the CPU: the script's own logic only
 
 Shapes (N outputs, K inputs) of a Mistral-7B-shaped model: q/o 4096x4096, k/v 1024x4096, q+k+v fused
 6144x4096, gate/up 14336x4096, gate+up fused 28672x4096, down 4096x14336, lm_head 32000x4096.
+Rows M: 1 (batch-1 decode), 8 and 32 (batched decode), 64 (the prefill of bench/decode.py's prompt).
 
 Variants, for y = x Ŵᵀ with x [M, K] bf16:
     bf16      F.linear(x, W), W [N, K] bf16: cuBLAS
-    tinygemm  quant/gptq_checkpoint.py's GPTQLinear, prepared on CUDA in bf16: torch.ops.aten._weight_int4pack_mm
-    triton    bench/int4_gemv.py's kernel (autotuned on its first call of each shape)
-    compile   the same packed weight through a torch.compile'd plain formula (unpack, dequantize,
-              multiply, sum): whether Inductor's generated reduction beats tinygemm. M = 1 only.
+    tinygemm  GPTQLinear.int4_forward: torch.ops.aten._weight_int4pack_mm on tinygemm's repacked codes
+    ours      the GPTQ checkpoint's tensors read in place: gptq_gemv at M = 1, gptq_matmul above
+              (GPTQLinear uses the latter from MATMUL_MIN_ROWS rows, tinygemm in between)
 
 The weight is random (normal, std 0.02, bf16) rounded to nearest on GPTQ's grid (4 bits, groups of
-128, gptq.rtn_quantize); the three int4 variants compute the same Ŵ (tinygemm with its scales
-rounded to bf16). The bf16 variant multiplies the unquantized W.
+128, gptq.rtn_quantize); the int4 variants compute the same Ŵ (tinygemm with its scales rounded to
+bf16). The bf16 variant multiplies the unquantized W.
 
 Timing: launch overhead must not count, so each variant's 50 back-to-back calls are captured in one
 CUDA graph (after 3 warm-up calls on the capture stream) and the graph is replayed 20 times; the
 median replay / 50 is the time per call. The 50 calls cycle through copies of the weight, enough
 for 4x the L2 cache (at most 50 copies: 2x for int4 k/v): a decode step reads 3.6 GB of distinct
 weights, none of them from L2, while one weight of 2-8 MB called 50 times would be read from L2 and
-report L2's bandwidth. GB/s = bytes of the weight (codes, scales, zeros) read per call / time per call.
-The first call of each int4 variant (the check) also autotunes our kernel and compiles the formula,
-outside the graph.
+report L2's bandwidth. GB/s = bytes of the weight each variant reads per call / time per call.
 
-Checks (before timing): each int4 variant against int4_gemv_reference's fp32 result on the same x,
+Checks (before timing): each int4 variant against an fp32 product with GPTQLinear.dequantize()'s Ŵ,
 max |y − ref| / max |ref| (bf16's own rounding of y is up to 2^-9 ≈ 2e-3 of that): within 1e-2 for
-ours and the compiled formula, 3e-2 for tinygemm (bf16 scales); our packing against gptq's
-`dequantize` exactly. A failed check prints FAIL; a variant that raises prints its traceback and
-the others go on; either makes the script exit 1 at the end.
+ours, 3e-2 for tinygemm (bf16 scales). A failed check prints FAIL; a variant that raises prints its
+traceback and the others go on; either makes the script exit 1 at the end.
 
 Per decode step, 32 layers: q, k, v, o, gate, up, down as separate products, and fused as
 generate.py runs them (qkv, o, gate_up, down); lm_head (bf16 in a GPTQ model) once on top.
@@ -57,8 +53,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from quant import gptq  # noqa: E402
-from quant.gptq_checkpoint import GPTQLinear  # noqa: E402
-import int4_gemv as ig  # noqa: E402 (bench/int4_gemv.py)
+from fast.triton_support import triton  # noqa: E402
+from quant.gptq_checkpoint import GPTQLinear, unpack  # noqa: E402
+from quant.gptq_gemv import Workspace, gptq_gemv, tile_for  # noqa: E402
+from quant.gptq_matmul import gptq_matmul, matmul_fits  # noqa: E402
 
 SHAPES = [  # (name, N, K); the fused ones are also measured at M = 8
     ("q/o", 4096, 4096),
@@ -70,6 +68,7 @@ SHAPES = [  # (name, N, K); the fused ones are also measured at M = 8
     ("lm_head", 32000, 4096),
 ]
 FUSED = {"qkv", "gate_up"}
+ROWS = {"fused": (1, 8, 32, 64), "other": (1, 64)}
 QUICK = {"q/o", "qkv", "down"}
 LAYERS = 32
 PER_LAYER = {  # products per decoder layer, by shape
@@ -78,19 +77,8 @@ PER_LAYER = {  # products per decoder layer, by shape
 }
 GROUP = 128
 CALLS, WARMUP, REPLAYS = 50, 3, 20
-TOLERANCE = {"triton": 1e-2, "compile": 1e-2, "tinygemm": 3e-2}
-VARIANTS = ("bf16", "tinygemm", "triton", "compile")
-
-
-def int4_formula(x, codes, scales, zeros):
-    """x Ŵᵀ from int4_gemv's packed tensors in plain PyTorch, written for Inductor to fuse into one
-    reduction: unpack (input 32c + 4j + i is nibble j of word 4c + i), dequantize, multiply, sum."""
-    n, k = codes.shape[0], codes.shape[1] * 8
-    g = k // scales.shape[1]
-    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int32).view(1, 1, 8, 1)
-    q = (codes.view(n, k // 32, 1, 4) >> shifts) & 15  # [N, block, nibble j, word i]
-    w = (q.reshape(n, k // g, g).float() - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
-    return (x.float().unsqueeze(1) * w.reshape(1, n, k)).sum(-1).to(x.dtype)  # [M, N]
+TOLERANCE = {"ours": 1e-2, "tinygemm": 3e-2}
+VARIANTS = ("bf16", "tinygemm", "ours")
 
 
 # ----------------------------------------------------------------------------- timing
@@ -142,19 +130,16 @@ def rel_err(y, ref):
 
 
 def prepare_shape(n, k, device, seed):
-    """The bf16 weight, its RTN quantization, tinygemm's GPTQLinear and our packed weight."""
+    """The bf16 weight and its RTN quantization as a GPTQLinear (tinygemm's codes prepared on CUDA)."""
     g = torch.Generator(device=device).manual_seed(seed)
     w = (torch.randn(n, k, device=device, generator=g) * 0.02).to(torch.bfloat16)
-    q = gptq.rtn_quantize(w.float(), group_size=GROUP)
-    packed = ig.pack(q.codes, q.scales.T, q.zeros.T, GROUP)
-    layer = GPTQLinear.from_quantized(q)
-    layer.prepare(torch.bfloat16)  # CUDA: tinygemm's int4 layout; CPU: a dense weight (no tinygemm)
-    same = torch.equal(ig.dequantize(packed), layer.dequantize())  # our packing vs the checkpoint's own unpacking
-    del q
-    return w, packed, layer, same
+    layer = GPTQLinear.from_quantized(gptq.rtn_quantize(w.float(), group_size=GROUP))
+    if device.type == "cuda":
+        layer.prepare_int4()  # tinygemm, whatever prepare() would choose
+    return w, layer
 
 
-def variant_calls(variant, w, packed, layer, x, l2_bytes, compiled, n_calls):
+def variant_calls(variant, w, layer, x, l2_bytes, n_calls):
     """(calls: n_calls zero-argument functions over copies of the weight, bytes read per call,
     one-call function for the check, copies), or a string saying why the variant does not run."""
     if variant == "bf16":
@@ -171,22 +156,27 @@ def variant_calls(variant, w, packed, layer, x, l2_bytes, compiled, n_calls):
             c = copy.copy(layer)  # shares the checkpoint buffers; its own copy of the kernel's tensors
             c.int4, c.int4_scales = layer.int4.clone(), layer.int4_scales.clone()
             layers.append(c)
-        calls = [lambda li=layers[i % len(layers)]: li(x) for i in range(n_calls)]
-        return calls, nbytes, lambda: layer(x), len(layers)
-    nbytes = packed.nbytes()
-    weights = [packed] + [ig.Int4Weight(*(t.clone() for t in packed[:3]), packed.group_size)
-                          for _ in range(copies_for(nbytes, l2_bytes, n_calls) - 1)]
-    if variant == "triton":
-        if ig.triton is None:
-            return "not available (no Triton)"
-        calls = [lambda wi=weights[i % len(weights)]: ig.int4_gemv(x, wi) for i in range(n_calls)]
-        return calls, nbytes, lambda: ig.int4_gemv(x, packed), len(weights)
-    if variant == "compile":
-        for wi in weights:  # N symbolic: one compile per K (2, not 7), a reduction still specialized on K
-            for t in wi[:3]:
-                torch._dynamo.mark_dynamic(t, 0)
-        calls = [lambda wi=weights[i % len(weights)]: compiled(x, *wi[:3]) for i in range(n_calls)]
-        return calls, nbytes, lambda: compiled(x, *packed[:3]), len(weights)
+        calls = [lambda li=layers[i % len(layers)]: li.int4_forward(x) for i in range(n_calls)]
+        return calls, nbytes, lambda: layer.int4_forward(x), len(layers)
+    if variant == "ours":
+        n, k, g = layer.out_features, layer.in_features, layer.group_size
+        tile = tile_for(n, k, g)
+        if triton is None or tile is None or not matmul_fits(n, k, g):
+            return "not available (no Triton, or a shape our kernels do not take)"
+        zeros = (unpack(layer.qzeros.T).T + 1).to(torch.uint8)
+        workspace = Workspace.for_tile(n, k, tile, x.device)  # one call at a time: shared by the copies
+        nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, zeros))
+        weights = [(layer.qweight, layer.scales, zeros)] + [
+            (layer.qweight.clone(), layer.scales.clone(), zeros.clone())
+            for _ in range(copies_for(nbytes, l2_bytes, n_calls) - 1)]
+
+        def call(qweight, scales, zeros):
+            if x.shape[0] == 1:
+                return gptq_gemv(x, qweight, scales, zeros, g, tile, workspace)
+            return gptq_matmul(x, qweight, scales, zeros, g)
+
+        calls = [lambda wi=weights[i % len(weights)]: call(*wi) for i in range(n_calls)]
+        return calls, nbytes, lambda: call(*weights[0]), len(weights)
     raise ValueError(variant)
 
 
@@ -195,10 +185,7 @@ def variant_calls(variant, w, packed, layer, x, l2_bytes, compiled, n_calls):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="q/o, qkv (M = 1 and 8) and down only")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd formula")
-    p.add_argument("--compile-budget", type=float, default=150,
-                   help="seconds into the run after which the compile variant is skipped (default 150)")
+    p.add_argument("--quick", action="store_true", help="q/o, qkv and down only")
     p.add_argument("--cpu", action="store_true", help="toy shapes on the CPU: checks the script, measures nothing")
     p.add_argument("--json", default=None, help="where to write the results (default: $OUT/gemv.json if OUT is set)")
     args = p.parse_args()
@@ -215,22 +202,14 @@ def main():
     shapes = [s for s in SHAPES if not args.quick or s[0] in QUICK]
     n_calls = CALLS
     if args.cpu:  # toy sizes of the same structure, few calls: the interpreter is slow
-        shapes = [(name, n // 32, k // 16) for name, n, k in shapes]
+        shapes = [(name, n // 16, k // 16) for name, n, k in shapes]
         n_calls = WARMUP + 2
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20) if cuda else 0
     info = dict(device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
-                cuda=torch.version.cuda, triton=getattr(ig.triton, "__version__", None), l2_bytes=l2_bytes,
+                cuda=torch.version.cuda, triton=getattr(triton, "__version__", None), l2_bytes=l2_bytes,
                 group_size=GROUP, calls_per_graph=n_calls, replays=REPLAYS, quick=args.quick,
-                interpreter=ig._interpreting())
+                interpreter=os.environ.get("TRITON_INTERPRET") == "1")
     log(f"{info}")
-    compiled = None
-    if not args.no_compile:
-        # N marked dynamic on the weights (variant_calls), everything else static: one compile per K
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        for name in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 64)
-        compiled = torch.compile(int4_formula, fullgraph=True)
 
     rows, failures = [], []
 
@@ -242,52 +221,37 @@ def main():
         if row.get("rel_err") is not None:
             check = f"rel err {row['rel_err']:.1e} {'ok' if row['ok'] else 'FAIL'}"
         note = row.get("note") or ""
-        if row.get("config"):
-            note = " ".join(f"{k}={v}" for k, v in row["config"].items()) + (f"  {note}" if note else "")
         log(f"{row['shape']:8s} {row['N']:6d} x {row['K']:5d}  M={row['M']}  {row['variant']:9s}{us} µs{gbs} GB/s"
             f"  {check:22s} {note}")
 
     for seed, (name, n, k) in enumerate(shapes):
         base = dict(shape=name, N=n, K=k)
         try:
-            w, packed, layer, same = prepare_shape(n, k, device, seed)
+            w, layer = prepare_shape(n, k, device, seed)
         except Exception as e:  # noqa: BLE001 (one shape must not cost the others)
             traceback.print_exc()
             failures.append(f"{name}: building the weights: {type(e).__name__}: {e}")
             continue
-        if not same:
-            failures.append(f"{name}: int4_gemv.pack's weight differs from gptq's dequantize")
-        log(f"{name}: int4_gemv.dequantize(pack(...)) == GPTQLinear.dequantize(): {'yes' if same else 'NO (FAIL)'}")
-        for m in ((1, 8) if name in FUSED else (1,)):
+        dense = layer.dequantize()
+        for m in ROWS["fused" if name in FUSED else "other"]:
             g = torch.Generator(device=device).manual_seed(1000 + seed)
             x = torch.randn(m, k, device=device, generator=g).to(torch.bfloat16)
-            ref = x.float() @ ig.dequantize(packed).T  # fp32, not rounded
+            ref = x.float() @ dense.T  # fp32, not rounded
             for variant in VARIANTS:
-                row = dict(base, M=m, variant=variant, us=None, gbps=None, rel_err=None, ok=None, config=None,
-                           note=None)
-                if variant == "compile" and (compiled is None or m != 1):
-                    continue
-                if variant == "compile" and time.perf_counter() - started > args.compile_budget:
-                    row["note"] = f"skipped: past --compile-budget {args.compile_budget:.0f} s"
-                    record(row)
-                    continue
+                row = dict(base, M=m, variant=variant, us=None, gbps=None, rel_err=None, ok=None, note=None)
                 try:
-                    made = variant_calls(variant, w, packed, layer, x, l2_bytes, compiled, n_calls)
+                    made = variant_calls(variant, w, layer, x, l2_bytes, n_calls)
                     if isinstance(made, str):
                         row["note"] = made
                         record(row)
                         continue
                     calls, nbytes, one_call, copies = made
-                    if one_call is not None:  # correctness first (and autotuning / compiling, outside the graph)
+                    if one_call is not None:  # correctness first (and Triton's compiles, outside the graph)
                         row["rel_err"] = rel_err(one_call(), ref)
                         row["ok"] = row["rel_err"] <= TOLERANCE[variant]
                         if not row["ok"]:
                             failures.append(f"{name} M={m} {variant}: rel err {row['rel_err']:.2e} "
                                             f"> {TOLERANCE[variant]:.0e}")
-                        if variant == "triton" and cuda and not ig._interpreting():
-                            row["config"] = ig.tuned_config(m, packed)
-                        if variant == "triton" and not cuda and not ig._interpreting():
-                            row["note"] = "no CUDA, no TRITON_INTERPRET=1: int4_gemv ran its PyTorch reference"
                     row["us"] = graph_us(calls, cuda)
                     row["gbps"] = nbytes / (row["us"] * 1e-6) / 1e9
                     row["bytes"], row["copies"] = nbytes, copies
@@ -297,7 +261,7 @@ def main():
                     row["note"] = f"ERROR {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
                     failures.append(f"{name} M={m} {variant}: {row['note']}")
                 record(row)
-        del w, packed, layer
+        del w, layer, dense
         if cuda:
             torch.cuda.empty_cache()
 
@@ -310,7 +274,7 @@ def main():
     print(f"  {'shape':8s} {'N':>6s} {'K':>6s} {'M':>2s}" + "".join(f"{v:>20s}" for v in VARIANTS)
           + "   (! = failed check)")
     for name, n, k in shapes:
-        for m in ((1, 8) if name in FUSED else (1,)):
+        for m in ROWS["fused" if name in FUSED else "other"]:
             cells = []
             for v in VARIANTS:
                 r = next((r for r in rows if r["shape"] == name and r["M"] == m and r["variant"] == v), None)

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 from quant.experts import module_key, unfuse_experts
 from quant.gptq import BITS, DAMP, dequantize
 from quant.gptq_gemv import Workspace, gptq_gemv, tile_for
+from quant.gptq_matmul import MATMUL_MIN_ROWS, gptq_matmul, matmul_fits
 from quant.load import (checkpoint_files, open_checkpoint, place, read_config, read_tensor,
                         rebuild_computed_buffers)
 from quant.save import MAX_SHARD_BYTES, write_model
@@ -48,9 +49,10 @@ def unpack(packed, bits=BITS):
 class GPTQLinear(nn.Module):
     """y = x Ŵᵀ + b with Ŵ stored GPTQ-packed; its state dict is exactly the checkpoint's tensors.
 
-    Call prepare(dtype) once after the buffers are on their device: on CUDA in bf16 it repacks
-    the codes for PyTorch's int4 kernel (tinygemm); elsewhere it caches the dense Ŵ in `dtype`,
-    which costs out·in·itemsize bytes per layer (a bf16 copy of the model beside the packed one).
+    Call prepare(dtype) once after the buffers are on their device: on CUDA in bf16 it repacks the
+    codes for PyTorch's int4 kernel (tinygemm) and sets up our own where they fit; elsewhere it
+    caches the dense Ŵ in `dtype`, which costs out·in·itemsize bytes per layer (a bf16 copy of the
+    model beside the packed one).
     """
 
     def __init__(self, in_features, out_features, bias, group_size, device=None):
@@ -62,7 +64,7 @@ class GPTQLinear(nn.Module):
         self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16, device=device) if bias else None)
-        self.dense = self.int4 = self.gemv = None  # runtime forms, built by prepare(); not in the state dict
+        self.dense = self.int4 = self.own = None  # runtime forms, built by prepare(); not in the state dict
 
     @classmethod
     def from_quantized(cls, q, bias=None):
@@ -82,29 +84,55 @@ class GPTQLinear(nn.Module):
         return dequantize(codes, self.scales, zeros, self.g_idx)
 
     def prepare(self, dtype):
-        self.dense = self.int4 = self.gemv = None
-        if self.qweight.is_cuda and dtype == torch.bfloat16 and self.int4_eligible():
+        self.dense = self.int4 = self.own = None
+        on_cuda_bf16 = (self.qweight.is_cuda and dtype == torch.bfloat16
+                        and torch.cuda.get_device_capability(self.qweight.device) >= (8, 0))
+        if on_cuda_bf16 and self.int4_eligible():
             self.prepare_int4()
-        else:
+        if on_cuda_bf16 and self.own_kernels_fit():
+            self.prepare_own()
+        if self.int4 is None and self.own is None:
             self.dense = self.dequantize().to(dtype)
 
     def forward(self, x):
-        if self.gemv is not None and x.numel() == self.in_features:  # one row: batch-1 decode
-            return self.gemv_forward(x)
+        rows = x.numel() // self.in_features
+        if self.own is not None and (rows == 1 or rows >= MATMUL_MIN_ROWS or self.int4 is None):
+            return self.own_forward(x)
         if self.int4 is not None:
             return self.int4_forward(x)
         weight = self.dense if self.dense is not None else self.dequantize().to(x.dtype)  # unprepared: slow, correct
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
-    # --- CUDA: PyTorch's int4 kernel (tinygemm), as gpt-fast uses it. Not testable on a CPU machine;
-    # tinygemm_layout() is tested through the CPU twin of the kernel (tests/test_gptq.py). One row of x
-    # (batch-1 decode) goes to quant/gptq_gemv.py's kernel instead, which reads qweight in place and
-    # streams it faster (bench/RESULTS.md); its tests run it in Triton's CPU interpreter.
+    # --- CUDA (sm80+, bf16). Our Triton kernels read the checkpoint's qweight in place: quant/gptq_gemv.py
+    # for one row of x (batch-1 decode), quant/gptq_matmul.py from MATMUL_MIN_ROWS rows (prefill); both
+    # faster than tinygemm there (bench/RESULTS.md, session 11). Their tests run them in Triton's CPU
+    # interpreter. In between (batched decode) and where ours do not fit (act-order, groups under
+    # 128, odd widths): PyTorch's int4 kernel (tinygemm), as gpt-fast uses it; not testable on a CPU
+    # machine, tinygemm_layout() is tested through the CPU twin of the kernel (tests/test_gptq.py).
+
+    def own_kernels_fit(self):
+        ordered = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
+        return (tile_for(self.out_features, self.in_features, self.group_size) is not None
+                and matmul_fits(self.out_features, self.in_features, self.group_size)
+                and torch.equal(self.g_idx.long(), ordered))
+
+    def prepare_own(self):
+        tile = tile_for(self.out_features, self.in_features, self.group_size)
+        zeros = (unpack(self.qzeros.T).T + 1).to(torch.uint8)
+        self.own = (tile, zeros, Workspace.for_tile(self.out_features, self.in_features, tile, self.qweight.device))
+
+    def own_forward(self, x):
+        tile, zeros, workspace = self.own
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if x2.shape[0] == 1:
+            y = gptq_gemv(x2, self.qweight, self.scales, zeros, self.group_size, tile, workspace)
+        else:
+            y = gptq_matmul(x2, self.qweight, self.scales, zeros, self.group_size)
+        return self._finish(y, x)
 
     def int4_eligible(self):
-        # tinygemm: sm80+, groups of 32..256, in_features a multiple of 16·inner_k_tiles (>= 2), out a multiple of 8.
-        return (torch.cuda.get_device_capability(self.qweight.device) >= (8, 0)
-                and self.group_size in (32, 64, 128, 256)
+        # tinygemm: sm80+ (prepare checks), groups of 32..256, in_features a multiple of 16·inner_k_tiles (>= 2), out a multiple of 8.
+        return (self.group_size in (32, 64, 128, 256)
                 and self.in_features % 32 == 0 and self.out_features % 8 == 0 and self.tinygemm_layout() is not None)
 
     def tinygemm_layout(self):
@@ -135,8 +163,6 @@ class GPTQLinear(nn.Module):
         self.int4 = torch.ops.aten._convert_weight_to_int4pack(packed, tiles)
         self.int4_scales = scales_and_zeros.to(torch.bfloat16)  # the kernel takes bf16 only: fp16 scales round here
         self.int4_perm = perm
-        if perm is None:  # act-order's scattered groups: tinygemm only
-            self.prepare_gemv()
 
     def int4_forward(self, x):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -144,18 +170,6 @@ class GPTQLinear(nn.Module):
             x2 = x2[:, self.int4_perm]
         y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.int4, self.group_size, self.int4_scales)
         return self._finish(y, x)
-
-    def prepare_gemv(self):
-        """quant/gptq_gemv.py's kernel for one row of x, where its tile fits (groups in column order)."""
-        tile = tile_for(self.out_features, self.in_features, self.group_size)
-        if tile is not None:
-            zeros = (unpack(self.qzeros.T).T + 1).to(torch.uint8)
-            self.gemv = (tile, zeros, Workspace.for_tile(self.out_features, self.in_features, tile, self.qweight.device))
-
-    def gemv_forward(self, x):
-        tile, zeros, workspace = self.gemv
-        x1 = x.reshape(1, self.in_features).to(torch.bfloat16).contiguous()
-        return self._finish(gptq_gemv(x1, self.qweight, self.scales, zeros, self.group_size, tile, workspace), x)
 
     def _finish(self, y, x):
         """The kernels' y [rows, out] bf16: + bias, in x's shape and dtype."""

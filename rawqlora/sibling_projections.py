@@ -75,7 +75,7 @@ def fused_linear(layers):
 
 def fused_gptq(layers):
     """One GPTQLinear: codes, zeros and scales of each layer side by side along the outputs,
-    prepared as the first layer was (the int4 kernel, a cached dense weight, or not at all)."""
+    prepared as the first layer was (for the int4 kernels, a cached dense weight, or not at all)."""
     first = layers[0]
     bias = first.bias is not None
     fused = GPTQLinear(first.in_features, sum(m.out_features for m in layers), bias, first.group_size,
@@ -86,7 +86,7 @@ def fused_gptq(layers):
     fused.g_idx = first.g_idx
     if bias:
         fused.bias = torch.cat([m.bias for m in layers])
-    if first.int4 is not None:
+    if first.own is not None or first.int4 is not None:
         fused.prepare(torch.bfloat16)
     elif first.dense is not None:
         fused.prepare(first.dense.dtype)

@@ -1,7 +1,7 @@
 """quant/gptq_gemv.py, the batch-1 GPTQ product, against float64 products of the checkpoint's own Ŵ.
 
-Without a GPU the kernel runs in Triton's CPU interpreter (conftest.py): the same program, its
-split-K partial sums, the counter protocol and its reset, one program at a time.
+Without a GPU the kernels run in Triton's CPU interpreter (conftest.py): the same programs (the
+GEMV's split-K partial sums, its counter protocol and reset), one program at a time. With one, on it.
 """
 
 import pytest
@@ -11,12 +11,20 @@ import torch.nn.functional as F
 from quant import gptq
 from quant.gptq_checkpoint import GPTQLinear, unpack
 from quant.gptq_gemv import GemvTile, Workspace, gptq_gemv, gptq_gemv_reference, tile_for
+from quant.gptq_matmul import gptq_matmul
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def quantized_layer(n, k, group, seed):
     g = torch.Generator().manual_seed(seed)
     q = gptq.rtn_quantize(torch.randn(n, k, generator=g) * 0.02, group_size=group)
-    return GPTQLinear.from_quantized(q)
+    return GPTQLinear.from_quantized(q).to(DEVICE)
+
+
+def randn(*shape, seed, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
 
 
 def checkpoint_zeros(layer):
@@ -34,9 +42,9 @@ def test_kernel_equals_float64_product(tile, k, group):
     n = 512
     layer = quantized_layer(n, k, group, seed=k + group)
     zeros = checkpoint_zeros(layer)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1))
+    x = randn(1, k, seed=1)
     ref = x.double() @ layer.dequantize().double().T
-    ws = Workspace.for_tile(n, k, tile, "cpu")
+    ws = Workspace.for_tile(n, k, tile, DEVICE)
     y = gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws)
     # fp32 x and y: only the kernel's own fp32 sums differ from float64 (taking out the 1 and 16 of
     # the codes' floats cancels by at most 256x: ~2^-16 of the scale, measured ~2e-6)
@@ -50,19 +58,19 @@ def test_kernel_equals_float64_product(tile, k, group):
 def test_gptq_linear_sends_one_row_to_the_kernel():
     n, k = 512, 256
     layer = quantized_layer(n, k, 128, seed=3)
-    layer.prepare_gemv()
-    assert layer.gemv is not None and layer.gemv[0] == tile_for(n, k, 128)
-    x = torch.randn(1, 1, k, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    tile, zeros, ws = layer.gemv
+    assert layer.own_kernels_fit()
+    layer.prepare_own()
+    assert layer.own[0] == tile_for(n, k, 128)
+    x = randn(1, 1, k, seed=2, dtype=torch.bfloat16)
+    tile, zeros, ws = layer.own
     y = layer(x)
     assert y.shape == (1, 1, n) and y.dtype == torch.bfloat16
     assert torch.equal(y.reshape(1, n), gptq_gemv(x.reshape(1, k), layer.qweight, layer.scales, zeros, 128, tile, ws))
     ref = F.linear(x.double(), layer.dequantize().double())
     # bf16 y: one rounding of a float32 sum (the interpreter's float -> bf16 cast truncates: < 2^-7 relative)
     torch.testing.assert_close(y.double(), ref, rtol=2**-7, atol=1e-3 * ref.abs().max().item())
-    rows = torch.randn(3, k, dtype=torch.bfloat16)  # more than one row: not the kernel's
-    torch.testing.assert_close(layer(rows).double(), F.linear(rows.double(), layer.dequantize().double()),
-                               rtol=2**-7, atol=1e-2)
+    rows = randn(3, k, seed=3, dtype=torch.bfloat16)  # more than one row: quant/gptq_matmul.py's
+    assert torch.equal(layer(rows), gptq_matmul(rows, layer.qweight, layer.scales, zeros, 128))
 
 
 def test_tile_only_where_it_fits():
@@ -70,3 +78,18 @@ def test_tile_only_where_it_fits():
     assert tile_for(4096, 4096, 64).block_k == 64  # a step never straddles a group
     assert tile_for(4000, 4096, 128) is None  # outputs not a multiple of the block: tinygemm
     assert tile_for(4096, 4160, 128) is None
+
+
+@pytest.mark.parametrize("m, k, group", [(2, 256, 128), (17, 512, 128), (40, 512, 256), (70, 256, 128)])
+def test_matmul_equals_float64_product(m, k, group):
+    # 2 and 17 rows: tiles of 16 and 32, masked; 40 and 70: tiles of 64, one of them masked
+    n = 192
+    layer = quantized_layer(n, k, group, seed=m)
+    x = randn(m, k, seed=m, dtype=torch.bfloat16)
+    y = gptq_matmul(x, layer.qweight, layer.scales, checkpoint_zeros(layer), group)
+    ref = x.double() @ layer.dequantize().double().T
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    # bf16 y: one rounding of an fp32 sum, under one ulp (2^-7 of |y| at most; on a GPU to nearest,
+    # half that; the interpreter's cast truncates)
+    err = (y.double() - ref).abs() - 2**-7 * ref.abs()
+    assert err.max().item() < 1e-5 * ref.abs().max().item()
