@@ -1,7 +1,7 @@
 """The products of decode on one CUDA GPU: cuBLAS bf16, tinygemm int4 and ours (quant/gptq_gemv.py, gptq_matmul.py).
 
     python bench/gemv.py                # every 7B shape at M = 1 and 64, the fused ones at 8 and 32 too: ~2 min on an H200
-    python bench/gemv.py --quick        # q/o, fused qkv and down: a smoke run
+    python bench/gemv.py --quick        # q/o, the fused qkv and gate_up, down
     TRITON_INTERPRET=1 python bench/gemv.py --cpu   # toy shapes on the CPU: the script's own logic only
 
 Shapes (N outputs, K inputs) of a Mistral-7B-shaped model: q/o 4096x4096, k/v 1024x4096, q+k+v fused
@@ -12,7 +12,6 @@ Variants, for y = x Ŵᵀ with x [M, K] bf16:
     bf16      F.linear(x, W), W [N, K] bf16: cuBLAS
     tinygemm  GPTQLinear.int4_forward: torch.ops.aten._weight_int4pack_mm on tinygemm's repacked codes
     ours      the GPTQ checkpoint's tensors read in place: gptq_gemv at M = 1, gptq_matmul above
-              (GPTQLinear uses the latter from MATMUL_MIN_ROWS rows, tinygemm in between)
 
 The weight is random (normal, std 0.02, bf16) rounded to nearest on GPTQ's grid (4 bits, groups of
 128, gptq.rtn_quantize); the int4 variants compute the same Ŵ (tinygemm with its scales rounded to
@@ -55,8 +54,9 @@ sys.path.insert(0, str(REPO))
 from quant import gptq  # noqa: E402
 from fast.triton_support import triton  # noqa: E402
 from quant.gptq_checkpoint import GPTQLinear, unpack  # noqa: E402
-from quant.gptq_gemv import Workspace, gptq_gemv, tile_for  # noqa: E402
-from quant.gptq_matmul import gptq_matmul, matmul_fits  # noqa: E402
+from quant import split_k  # noqa: E402
+from quant.gptq_gemv import gptq_gemv, tile_for  # noqa: E402
+from quant.gptq_matmul import gptq_matmul, matmul_fits, workspace_need  # noqa: E402
 
 SHAPES = [  # (name, N, K); the fused ones are also measured at M = 8
     ("q/o", 4096, 4096),
@@ -69,7 +69,7 @@ SHAPES = [  # (name, N, K); the fused ones are also measured at M = 8
 ]
 FUSED = {"qkv", "gate_up"}
 ROWS = {"fused": (1, 8, 32, 64), "other": (1, 64)}
-QUICK = {"q/o", "qkv", "down"}
+QUICK = {"q/o", "qkv", "gate_up", "down"}
 LAYERS = 32
 PER_LAYER = {  # products per decoder layer, by shape
     "separate (q, k, v, o, gate, up, down)": {"q/o": 2, "k/v": 2, "gate/up": 2, "down": 1},
@@ -164,7 +164,7 @@ def variant_calls(variant, w, layer, x, l2_bytes, n_calls):
         if triton is None or tile is None or not matmul_fits(n, k, g):
             return "not available (no Triton, or a shape our kernels do not take)"
         zeros = (unpack(layer.qzeros.T).T + 1).to(torch.uint8)
-        workspace = Workspace.for_tile(n, k, tile, x.device)  # one call at a time: shared by the copies
+        ws = split_k.workspace(x.device, *(max(a, b) for a, b in zip(tile.workspace_need(n, k), workspace_need(n, k))))
         nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, zeros))
         weights = [(layer.qweight, layer.scales, zeros)] + [
             (layer.qweight.clone(), layer.scales.clone(), zeros.clone())
@@ -172,8 +172,8 @@ def variant_calls(variant, w, layer, x, l2_bytes, n_calls):
 
         def call(qweight, scales, zeros):
             if x.shape[0] == 1:
-                return gptq_gemv(x, qweight, scales, zeros, g, tile, workspace)
-            return gptq_matmul(x, qweight, scales, zeros, g)
+                return gptq_gemv(x, qweight, scales, zeros, g, tile, ws)
+            return gptq_matmul(x, qweight, scales, zeros, g, ws)
 
         calls = [lambda wi=weights[i % len(weights)]: call(*wi) for i in range(n_calls)]
         return calls, nbytes, lambda: call(*weights[0]), len(weights)
@@ -185,7 +185,7 @@ def variant_calls(variant, w, layer, x, l2_bytes, n_calls):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="q/o, qkv and down only")
+    p.add_argument("--quick", action="store_true", help="q/o, qkv, gate_up and down only")
     p.add_argument("--cpu", action="store_true", help="toy shapes on the CPU: checks the script, measures nothing")
     p.add_argument("--json", default=None, help="where to write the results (default: $OUT/gemv.json if OUT is set)")
     args = p.parse_args()

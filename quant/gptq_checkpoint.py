@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from quant import split_k
 from quant.experts import module_key, unfuse_experts
 from quant.gptq import BITS, DAMP, dequantize
-from quant.gptq_gemv import Workspace, gptq_gemv, tile_for
-from quant.gptq_matmul import MATMUL_MIN_ROWS, gptq_matmul, matmul_fits
+from quant.gptq_gemv import gptq_gemv, tile_for
+from quant.gptq_matmul import gptq_matmul, matmul_fits, workspace_need
 from quant.load import (checkpoint_files, open_checkpoint, place, read_config, read_tensor,
                         rebuild_computed_buffers)
 from quant.save import MAX_SHARD_BYTES, write_model
@@ -49,8 +50,8 @@ def unpack(packed, bits=BITS):
 class GPTQLinear(nn.Module):
     """y = x Ŵᵀ + b with Ŵ stored GPTQ-packed; its state dict is exactly the checkpoint's tensors.
 
-    Call prepare(dtype) once after the buffers are on their device: on CUDA in bf16 it repacks the
-    codes for PyTorch's int4 kernel (tinygemm) and sets up our own where they fit; elsewhere it
+    Call prepare(dtype) once after the buffers are on their device: on CUDA in bf16 it sets up our
+    int4 kernels (where they do not fit, it repacks the codes for PyTorch's tinygemm); elsewhere it
     caches the dense Ŵ in `dtype`, which costs out·in·itemsize bytes per layer (a bf16 copy of the
     model beside the packed one).
     """
@@ -87,16 +88,15 @@ class GPTQLinear(nn.Module):
         self.dense = self.int4 = self.own = None
         on_cuda_bf16 = (self.qweight.is_cuda and dtype == torch.bfloat16
                         and torch.cuda.get_device_capability(self.qweight.device) >= (8, 0))
-        if on_cuda_bf16 and self.int4_eligible():
-            self.prepare_int4()
         if on_cuda_bf16 and self.own_kernels_fit():
             self.prepare_own()
-        if self.int4 is None and self.own is None:
+        elif on_cuda_bf16 and self.int4_eligible():
+            self.prepare_int4()
+        else:
             self.dense = self.dequantize().to(dtype)
 
     def forward(self, x):
-        rows = x.numel() // self.in_features
-        if self.own is not None and (rows == 1 or rows >= MATMUL_MIN_ROWS or self.int4 is None):
+        if self.own is not None:
             return self.own_forward(x)
         if self.int4 is not None:
             return self.int4_forward(x)
@@ -104,11 +104,11 @@ class GPTQLinear(nn.Module):
         return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
 
     # --- CUDA (sm80+, bf16). Our Triton kernels read the checkpoint's qweight in place: quant/gptq_gemv.py
-    # for one row of x (batch-1 decode), quant/gptq_matmul.py from MATMUL_MIN_ROWS rows (prefill); both
-    # faster than tinygemm there (bench/RESULTS.md, session 11). Their tests run them in Triton's CPU
-    # interpreter. In between (batched decode) and where ours do not fit (act-order, groups under
-    # 128, odd widths): PyTorch's int4 kernel (tinygemm), as gpt-fast uses it; not testable on a CPU
-    # machine, tinygemm_layout() is tested through the CPU twin of the kernel (tests/test_gptq.py).
+    # for one row of x (batch-1 decode), quant/gptq_matmul.py for more (batches, prefill); faster than
+    # tinygemm, and no second copy of the codes (bench/RESULTS.md, session 11). Their tests run them in
+    # Triton's CPU interpreter. Where they do not fit (act-order, groups under 128, odd widths):
+    # PyTorch's int4 kernel (tinygemm), as gpt-fast uses it; not testable on a CPU machine,
+    # tinygemm_layout() is tested through the CPU twin of the kernel (tests/test_gptq.py).
 
     def own_kernels_fit(self):
         ordered = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
@@ -117,17 +117,19 @@ class GPTQLinear(nn.Module):
                 and torch.equal(self.g_idx.long(), ordered))
 
     def prepare_own(self):
-        tile = tile_for(self.out_features, self.in_features, self.group_size)
+        n, k = self.out_features, self.in_features
+        tile = tile_for(n, k, self.group_size)
         zeros = (unpack(self.qzeros.T).T + 1).to(torch.uint8)
-        self.own = (tile, zeros, Workspace.for_tile(self.out_features, self.in_features, tile, self.qweight.device))
+        (p1, c1), (p2, c2) = tile.workspace_need(n, k), workspace_need(n, k)
+        self.own = (tile, zeros, split_k.workspace(self.qweight.device, max(p1, p2), max(c1, c2)))
 
     def own_forward(self, x):
-        tile, zeros, workspace = self.own
+        tile, zeros, ws = self.own
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if x2.shape[0] == 1:
-            y = gptq_gemv(x2, self.qweight, self.scales, zeros, self.group_size, tile, workspace)
+            y = gptq_gemv(x2, self.qweight, self.scales, zeros, self.group_size, tile, ws)
         else:
-            y = gptq_matmul(x2, self.qweight, self.scales, zeros, self.group_size)
+            y = gptq_matmul(x2, self.qweight, self.scales, zeros, self.group_size, ws)
         return self._finish(y, x)
 
     def int4_eligible(self):

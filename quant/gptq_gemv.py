@@ -1,7 +1,7 @@
 """y = x Ŵᵀ for one row of x, straight from a GPTQ checkpoint's packed tensors: batch-1 decode (CUDA, Triton).
 
     tile = tile_for(n, k, group)                  a GemvTile, or None where the kernel does not apply
-    ws = Workspace.for_tile(n, k, tile, device)   partial sums and counters, made once per layer
+    ws = split_k.workspace(device, *tile.workspace_need(n, k))   once, when the layer is prepared
     y = gptq_gemv(x, qweight, scales, zeros, group, tile, ws)    x [1, K] bf16/fp16 -> [1, N] in x's dtype
     torch.ops.rawqlora.gptq_gemv(...)             the same as a custom op: opaque to torch.compile
     gptq_gemv_reference(x, qweight, scales, zeros, group)        the same in plain PyTorch (fp32)
@@ -19,12 +19,8 @@ Work split. A program owns BLOCK_N outputs (four or eight adjacent columns a lan
 a warp's loads cover 512 contiguous bytes of a row) and STEPS · BLOCK_K inputs of them; the grid is
 (N / BLOCK_N) × SPLIT with SPLIT = K / (STEPS · BLOCK_K). Splitting K is what gives a GEMV of a 4096-
 wide layer enough programs in flight to cover HBM's latency (with N alone, 4096 outputs make a few
-dozen programs for 132 SMs). Each program issues all its loads at once and sums in registers; its
-partial sums go to a workspace, and the last program of each column block to finish (a counter,
-atomically incremented) adds the SPLIT partials in split order and writes y. The order never
-changes, so the result is the same from run to run and inside or outside a CUDA graph (atomic adds
-into y would not be: decode's greedy tokens would part at near-ties). The counter is set back to 0
-by that last program, so the next call (or graph replay) finds it ready.
+dozen programs for 132 SMs). Each program issues all its loads at once and sums in registers; the
+parts are added in a fixed order (quant/split_k.py), so y is the same on every run.
 
 Arithmetic, per lane, in fp32. A code becomes a float without an int -> float conversion (those
 issue at a quarter of the FMA rate): nibbles come in pairs (2p, 2p + 1), 8 bits apart in a word;
@@ -63,15 +59,9 @@ class GemvTile(NamedTuple):
     def split(self, k):
         return k // (self.block_k * self.steps)
 
-
-class Workspace(NamedTuple):
-    partials: torch.Tensor  # fp32 [SPLIT, N]: each program's sums
-    counters: torch.Tensor  # int32 [N / BLOCK_N]: programs done per column block; 0 between calls
-
-    @classmethod
-    def for_tile(cls, n, k, tile, device):
-        return cls(torch.empty(tile.split(k), n, device=device, dtype=torch.float32),
-                   torch.zeros(n // tile.block_n, device=device, dtype=torch.int32))
+    def workspace_need(self, n, k):
+        """(partials, counters) of quant/split_k.py's workspace for an [N, K] weight."""
+        return self.split(k) * n, n // self.block_n
 
 
 def tile_for(n, k, group):
@@ -118,6 +108,7 @@ def _(x, qweight, scales, zeros, partials, counters, group, tile):
 
 
 if triton is not None:
+    from quant.split_k import store_sum
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, part_ptr, count_ptr, y_ptr, N, one_bits, sixteen_bits,
@@ -154,15 +145,4 @@ if triton is not None:
             s = tl.load(s_ptr + g * N + n).to(tl.float32)
             z = tl.load(z_ptr + g * N + n).to(tl.float32)
             acc += (16.0 * s) * (tl.sum(dot, axis=0) - xh_sum - 16.0 * xl_sum) - (s * z) * (xh_sum + xl_sum)
-        if SPLIT == 1:
-            tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty))
-        else:
-            tl.store(part_ptr + pid_k * N + n, acc)
-            tl.debug_barrier()  # every lane's partials stored before the counter moves (released below)
-            done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if done == SPLIT - 1:  # the last program of this column block: sum the partials in split order
-                total = tl.zeros((BLOCK_N,), tl.float32)
-                for i in range(SPLIT):
-                    total += tl.load(part_ptr + i * N + n, cache_modifier=".cg")  # from L2, not a stale L1
-                tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty))
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        store_sum(acc, y_ptr + n, n < N, part_ptr, count_ptr, pid_n, pid_k, tl.arange(0, BLOCK_N), SPLIT, BLOCK_N)

@@ -1,22 +1,23 @@
-"""y = x Ŵᵀ for many rows of x (prefill, batched decode), straight from a GPTQ checkpoint's packed tensors (CUDA, Triton).
+"""y = x Ŵᵀ for several rows of x (batched decode, prefill), straight from a GPTQ checkpoint's packed tensors (CUDA, Triton).
 
-    y = gptq_matmul(x, qweight, scales, zeros, group)    x [M, K] bf16 -> [M, N] bf16 (groups of >= 128)
-    matmul_fits(n, k, group)                             whether the kernel takes this weight
+    matmul_fits(n, k, group)                              whether the kernel takes this weight
+    ws = split_k.workspace(device, *workspace_need(n, k)) once, when the layer is prepared
+    y = gptq_matmul(x, qweight, scales, zeros, group, ws) x [M, K] bf16 -> [M, N] bf16 (a custom op)
 
 The layout is quant/gptq_gemv.py's, the checkpoint's own, read in place: qweight int32 [K/8, N] (input
 k at bits 4·(k mod 8) of row k // 8), scales fp16 [K/g, N], zeros uint8 [K/g, N];
 Ŵ[n, k] = s[k // g, n] · (q[k, n] − z[k // g, n]).
 
-A program owns a [BLOCK_M, BLOCK_N] tile of y and walks K in steps of BLOCK_K = 128 inputs, inside one
-group. Nibble j of a step's words holds inputs k0 + 8r + j (r = 0..15): a [16, BLOCK_N] matrix of codes
-per j, multiplied on the tensor cores by the 16 columns of x it meets. Those columns are made
-contiguous first: `x_by_nibble` reorders each 128 inputs of x (r, j) -> (j, r), one copy of x,
-so the kernel loads them as plain [BLOCK_M, 16] tiles. The step sums of x (X below) are made
-beside it, once, rather than reduced across lanes in every program.
+A program owns a [BLOCK_M, 64] tile of y and one of SPLIT parts of K, walked in steps of BLOCK_K =
+128 inputs, each inside one group. Nibble j of a step's words holds inputs k0 + 8r + j (r = 0..15):
+a [16, 64] matrix of codes per j, multiplied on the tensor cores by the 16 columns of x it meets.
+Those columns are made contiguous first: `x_by_nibble` reorders each 128 inputs of x (r, j) -> (j, r),
+one copy of x, so the kernel loads them as plain [BLOCK_M, 16] tiles. The step sums of x (X below)
+are made beside it, once, rather than reduced across lanes in every program.
 
-A program walks all of K itself: with many rows (prefill) there are enough programs, but with a
-few (batched decode) the N / 64 programs of a 4096-wide layer leave most SMs idle, so GPTQLinear
-keeps tinygemm for 2 to MATMUL_MIN_ROWS − 1 rows (bench/RESULTS.md, session 11).
+SPLIT: with many rows (a prefill) the tiles alone make enough programs; with a few (batched decode)
+the 64 column blocks of a 4096-wide layer would leave most of 132 SMs idle, so K is split until
+there are about a thousand programs, and the parts are added in a fixed order (quant/split_k.py).
 
 Codes become bf16 without an int -> float conversion: (q | 0x4300) as a bf16 is 128 + q, exact (bf16
 has 8 bits of mantissa), so the products are Σ x·(128 + q) = 128·X + Σ x·q with X the step's sum of
@@ -36,14 +37,31 @@ import torch
 from fast.triton_support import tl, triton
 
 BLOCK_K = 128  # one step: 16 rows of words, the K of one bf16 tensor-core product per nibble
+BLOCK_N = 64
+MAX_SPLIT_ROWS = 32  # above this many rows, no split: the tiles make programs enough
 BF16_128 = 0x4300  # the bits of 128.0 in bf16
-# Rows from which this kernel beats tinygemm on every 7B shape on the H200 (at 32 it loses on three
-# of four; at 64 it wins on all, 2x over a layer).
-MATMUL_MIN_ROWS = 64
 
 
 def matmul_fits(n, k, group):
-    return group % BLOCK_K == 0 and k % group == 0 and n % 64 == 0
+    return group % BLOCK_K == 0 and k % group == 0 and n % BLOCK_N == 0
+
+
+def config(m, n, k):
+    """(BLOCK_M, SPLIT) for M rows of an [N, K] weight: SPLIT doubles while the programs stay
+    within 1,024 and every part keeps at least 4 steps."""
+    if m > MAX_SPLIT_ROWS:
+        return 64, 1
+    split = 1
+    while ((n // BLOCK_N) * split * 2 <= 1024 and k % (BLOCK_K * split * 2) == 0
+           and k // (split * 2) >= 4 * BLOCK_K):
+        split *= 2
+    return (16 if m <= 16 else 32), split
+
+
+def workspace_need(n, k):
+    """(partials, counters) of quant/split_k.py's workspace for any call on an [N, K] weight."""
+    _, split = config(MAX_SPLIT_ROWS, n, k)
+    return MAX_SPLIT_ROWS * n * split, n // BLOCK_N
 
 
 def x_by_nibble(x):
@@ -52,34 +70,51 @@ def x_by_nibble(x):
     return x.reshape(m, k // BLOCK_K, BLOCK_K // 8, 8).transpose(2, 3).reshape(m, k).contiguous()
 
 
-def gptq_matmul(x, qweight, scales, zeros, group):
-    """x [M, K] bf16 -> x Ŵᵀ [M, N] bf16 (module docstring)."""
+def gptq_matmul(x, qweight, scales, zeros, group, ws):
+    """x [M, K] -> x Ŵᵀ [M, N] bf16 (module docstring); ws: a quant/split_k.py Workspace."""
+    return torch.ops.rawqlora.gptq_matmul(x, qweight, scales, zeros, ws.partials, ws.counters, group)
+
+
+# A custom op, as rawqlora::gptq_gemv (quant/gptq_gemv.py): torch.compile calls it as it is.
+@torch.library.custom_op("rawqlora::gptq_matmul", mutates_args=("partials", "counters"))
+def _gptq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    partials: torch.Tensor, counters: torch.Tensor, group: int) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[1]
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 64
+    block_m, split = config(m, n, k)
     x = x.to(torch.bfloat16)
     x_sums = x.float().reshape(m, k // BLOCK_K, BLOCK_K).sum(-1)  # X of every step, once for all programs
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
-    grid = (triton.cdiv(m, block_m), n // block_n)
-    _matmul_kernel[grid](x_by_nibble(x), x_sums, qweight, scales, zeros, y, m, n, BF16_128,
-                         K=k, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+    grid = (triton.cdiv(m, block_m), n // BLOCK_N, split)
+    _matmul_kernel[grid](x_by_nibble(x), x_sums, qweight, scales, zeros, partials, counters, y, m, n, BF16_128,
+                         K=k, GROUP=group, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split,
                          INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, num_stages=3)
     return y
 
 
+@_gptq_matmul_op.register_fake
+def _(x, qweight, scales, zeros, partials, counters, group):
+    return x.new_empty(x.shape[0], qweight.shape[1], dtype=torch.bfloat16)
+
+
 if triton is not None:
+    from quant.split_k import store_sum
 
     @triton.jit
-    def _matmul_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, bf16_128, K: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
+    def _matmul_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, part_ptr, count_ptr, y_ptr, M, N, bf16_128,
+                       K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8  # word rows a step
-        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        PART: tl.constexpr = K // SPLIT  # inputs a program
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, ROWS)
         m_ok = (m < M)[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(pid_k * PART, (pid_k + 1) * PART, BLOCK_K):
             w = tl.load(w_ptr + (k0 // 8 + r)[:, None] * N + n[None, :])  # [ROWS, BLOCK_N] int32
             part = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for j in tl.static_range(8):
@@ -94,4 +129,6 @@ if triton is not None:
             s = tl.load(s_ptr + g * N + n).to(tl.float32)
             z = tl.load(z_ptr + g * N + n).to(tl.float32)
             acc += s[None, :] * (part - (128.0 + z)[None, :] * x_sum[:, None])
-        tl.store(y_ptr + m[:, None] * N + n[None, :], acc.to(tl.bfloat16), mask=m_ok)
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        store_sum(acc, y_ptr + m[:, None] * N + n[None, :], m_ok, part_ptr, count_ptr,
+                  pid_m * (N // BLOCK_N) + pid_n, pid_k, local, SPLIT, BLOCK_M * BLOCK_N)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from quant import gptq
 from quant.gptq_checkpoint import GPTQLinear, unpack
-from quant.gptq_gemv import GemvTile, Workspace, gptq_gemv, gptq_gemv_reference, tile_for
-from quant.gptq_matmul import gptq_matmul
+from quant import split_k
+from quant.gptq_gemv import GemvTile, gptq_gemv, gptq_gemv_reference, tile_for
+from quant.gptq_matmul import config, gptq_matmul, workspace_need
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,7 +45,7 @@ def test_kernel_equals_float64_product(tile, k, group):
     zeros = checkpoint_zeros(layer)
     x = randn(1, k, seed=1)
     ref = x.double() @ layer.dequantize().double().T
-    ws = Workspace.for_tile(n, k, tile, DEVICE)
+    ws = split_k.workspace(DEVICE, *tile.workspace_need(n, k))
     y = gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws)
     # fp32 x and y: only the kernel's own fp32 sums differ from float64 (taking out the 1 and 16 of
     # the codes' floats cancels by at most 256x: ~2^-16 of the scale, measured ~2e-6)
@@ -70,7 +71,7 @@ def test_gptq_linear_sends_one_row_to_the_kernel():
     # bf16 y: one rounding of a float32 sum (the interpreter's float -> bf16 cast truncates: < 2^-7 relative)
     torch.testing.assert_close(y.double(), ref, rtol=2**-7, atol=1e-3 * ref.abs().max().item())
     rows = randn(3, k, seed=3, dtype=torch.bfloat16)  # more than one row: quant/gptq_matmul.py's
-    assert torch.equal(layer(rows), gptq_matmul(rows, layer.qweight, layer.scales, zeros, 128))
+    assert torch.equal(layer(rows), gptq_matmul(rows, layer.qweight, layer.scales, zeros, 128, ws))
 
 
 def test_tile_only_where_it_fits():
@@ -80,16 +81,32 @@ def test_tile_only_where_it_fits():
     assert tile_for(4096, 4160, 128) is None
 
 
-@pytest.mark.parametrize("m, k, group", [(2, 256, 128), (17, 512, 128), (40, 512, 256), (70, 256, 128)])
-def test_matmul_equals_float64_product(m, k, group):
-    # 2 and 17 rows: tiles of 16 and 32, masked; 40 and 70: tiles of 64, one of them masked
+@pytest.mark.parametrize("m, k, group, split", [
+    (2, 2048, 128, 4),  # a tile of 16 rows, masked; K in 4 parts
+    (17, 1024, 128, 2),  # 32 rows, masked; 2 parts
+    (40, 512, 256, 1),  # 64 rows: no split, y written directly
+    (70, 256, 128, 1),  # two tiles of 64 rows, the second masked
+])
+def test_matmul_equals_float64_product(m, k, group, split):
     n = 192
+    assert config(m, n, k)[1] == split
     layer = quantized_layer(n, k, group, seed=m)
     x = randn(m, k, seed=m, dtype=torch.bfloat16)
-    y = gptq_matmul(x, layer.qweight, layer.scales, checkpoint_zeros(layer), group)
+    ws = split_k.workspace(DEVICE, *workspace_need(n, k))
+    y = gptq_matmul(x, layer.qweight, layer.scales, checkpoint_zeros(layer), group, ws)
     ref = x.double() @ layer.dequantize().double().T
     assert y.shape == (m, n) and y.dtype == torch.bfloat16
     # bf16 y: one rounding of an fp32 sum, under one ulp (2^-7 of |y| at most; on a GPU to nearest,
     # half that; the interpreter's cast truncates)
     err = (y.double() - ref).abs() - 2**-7 * ref.abs()
     assert err.max().item() < 1e-5 * ref.abs().max().item()
+    assert torch.count_nonzero(ws.counters) == 0
+    assert torch.equal(gptq_matmul(x, layer.qweight, layer.scales, checkpoint_zeros(layer), group, ws), y)
+
+
+def test_shared_workspace_only_grows():
+    small = split_k.workspace("cpu", 10, 2)
+    assert split_k.workspace("cpu", 5, 1) is small  # room enough: the same buffers
+    big = split_k.workspace("cpu", 20, 1)
+    assert big.partials.numel() >= 20 and big.counters.numel() >= 2 and torch.count_nonzero(big.counters) == 0
+    assert small.partials.numel() >= 10  # a layer holding the old buffers keeps them
