@@ -3,7 +3,7 @@
     tile = tile_for(n, k, group)                  a GemvTile, or None where the kernel does not apply
     ws = split_k.workspace(device, *tile.workspace_need(n, k))   once, when the layer is prepared
     y = gptq_gemv(x, qweight, scales, zeros, group, tile, ws)    x [1, K] bf16/fp16 -> [1, N] in x's dtype
-    torch.ops.rawqlora.gptq_gemv(...)             the same as a custom op: opaque to torch.compile
+    (under torch.compile a custom op, rawqlora::gptq_gemv, that the compiler calls as it is)
     gptq_gemv_reference(x, qweight, scales, zeros, group)        the same in plain PyTorch (fp32)
 
 Batch-1 decode reads every weight once per token and does two flops a byte with it, so its time is
@@ -84,15 +84,12 @@ def gptq_gemv_reference(x, qweight, scales, zeros, group):
 
 def gptq_gemv(x, qweight, scales, zeros, group, tile, ws):
     """x [1, K] -> x Ŵᵀ [1, N] in x's dtype (module docstring); one kernel launch, nothing allocated but y."""
-    return torch.ops.rawqlora.gptq_gemv(x, qweight, scales, zeros, ws.partials, ws.counters, group, list(tile))
+    if torch.compiler.is_compiling():
+        return torch.ops.rawqlora.gptq_gemv(x, qweight, scales, zeros, ws.partials, ws.counters, group, list(tile))
+    return _launch(x, qweight, scales, zeros, ws.partials, ws.counters, group, tile)  # eager: no op dispatch
 
 
-# A custom op, so that torch.compile (decode's compiled step) calls the kernel as it is rather than
-# tracing into the launch. It writes the workspace (partials; counters, which it leaves at 0).
-@torch.library.custom_op("rawqlora::gptq_gemv", mutates_args=("partials", "counters"))
-def _gptq_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  partials: torch.Tensor, counters: torch.Tensor, group: int, tile: list[int]) -> torch.Tensor:
-    tile = GemvTile(*tile)
+def _launch(x, qweight, scales, zeros, partials, counters, group, tile):
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     y = torch.empty(1, n, device=x.device, dtype=x.dtype)
     grid = (n // tile.block_n, tile.split(k))
@@ -100,6 +97,15 @@ def _gptq_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                        K=k, GROUP=group, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STEPS=tile.steps,
                        SPLIT=tile.split(k), num_warps=tile.num_warps)
     return y
+
+
+# A custom op for torch.compile (decode's compiled step), which then calls the kernel as it is rather
+# than tracing into the launch; eager calls skip its dispatch. It writes the workspace (partials;
+# counters, which it leaves at 0).
+@torch.library.custom_op("rawqlora::gptq_gemv", mutates_args=("partials", "counters"))
+def _gptq_gemv_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  partials: torch.Tensor, counters: torch.Tensor, group: int, tile: list[int]) -> torch.Tensor:
+    return _launch(x, qweight, scales, zeros, partials, counters, group, GemvTile(*tile))
 
 
 @_gptq_gemv_op.register_fake

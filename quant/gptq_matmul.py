@@ -2,7 +2,7 @@
 
     matmul_fits(n, k, group)                              whether the kernel takes this weight
     ws = split_k.workspace(device, *workspace_need(n, k)) once, when the layer is prepared
-    y = gptq_matmul(x, qweight, scales, zeros, group, ws) x [M, K] bf16 -> [M, N] bf16 (a custom op)
+    y = gptq_matmul(x, qweight, scales, zeros, group, ws) x [M, K] bf16 -> [M, N] bf16
 
 The layout is quant/gptq_gemv.py's, the checkpoint's own, read in place: qweight int32 [K/8, N] (input
 k at bits 4·(k mod 8) of row k // 8), scales fp16 [K/g, N], zeros uint8 [K/g, N];
@@ -72,13 +72,12 @@ def x_by_nibble(x):
 
 def gptq_matmul(x, qweight, scales, zeros, group, ws):
     """x [M, K] -> x Ŵᵀ [M, N] bf16 (module docstring); ws: a quant/split_k.py Workspace."""
-    return torch.ops.rawqlora.gptq_matmul(x, qweight, scales, zeros, ws.partials, ws.counters, group)
+    if torch.compiler.is_compiling():
+        return torch.ops.rawqlora.gptq_matmul(x, qweight, scales, zeros, ws.partials, ws.counters, group)
+    return _launch(x, qweight, scales, zeros, ws.partials, ws.counters, group)  # eager: no op dispatch
 
 
-# A custom op, as rawqlora::gptq_gemv (quant/gptq_gemv.py): torch.compile calls it as it is.
-@torch.library.custom_op("rawqlora::gptq_matmul", mutates_args=("partials", "counters"))
-def _gptq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                    partials: torch.Tensor, counters: torch.Tensor, group: int) -> torch.Tensor:
+def _launch(x, qweight, scales, zeros, partials, counters, group):
     m, k = x.shape
     n = qweight.shape[1]
     block_m, split = config(m, n, k)
@@ -90,6 +89,13 @@ def _gptq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
                          K=k, GROUP=group, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split,
                          INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, num_stages=3)
     return y
+
+
+# The custom op for torch.compile, as rawqlora::gptq_gemv (quant/gptq_gemv.py).
+@torch.library.custom_op("rawqlora::gptq_matmul", mutates_args=("partials", "counters"))
+def _gptq_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    partials: torch.Tensor, counters: torch.Tensor, group: int) -> torch.Tensor:
+    return _launch(x, qweight, scales, zeros, partials, counters, group)
 
 
 @_gptq_matmul_op.register_fake

@@ -110,3 +110,16 @@ def test_shared_workspace_only_grows():
     big = split_k.workspace("cpu", 20, 1)
     assert big.partials.numel() >= 20 and big.counters.numel() >= 2 and torch.count_nonzero(big.counters) == 0
     assert small.partials.numel() >= 10  # a layer holding the old buffers keeps them
+
+
+def test_custom_ops_equal_the_eager_launches():
+    # torch.compile calls the kernels through rawqlora::gptq_gemv / gptq_matmul; eager calls launch them directly
+    n, k = 256, 512
+    layer = quantized_layer(n, k, 128, seed=9)
+    layer.prepare_own()
+    tile, zeros, ws = layer.own
+    one, rows = randn(1, k, seed=1, dtype=torch.bfloat16), randn(5, k, seed=2, dtype=torch.bfloat16)
+    assert torch.equal(torch.ops.rawqlora.gptq_gemv(one, layer.qweight, layer.scales, zeros, ws.partials,
+                                                    ws.counters, 128, list(tile)), layer(one))
+    assert torch.equal(torch.ops.rawqlora.gptq_matmul(rows, layer.qweight, layer.scales, zeros, ws.partials,
+                                                      ws.counters, 128), layer(rows))
