@@ -1,6 +1,6 @@
 """The products of decode on one CUDA GPU: cuBLAS bf16, tinygemm int4 and ours (quant/gptq_gemv.py, gptq_matmul.py).
 
-    python bench/gemv.py                # every 7B shape at M = 1 and 64, the fused ones at 8 and 32 too: ~2 min on an H200
+    python bench/gemv.py                # every 7B shape at M = 1 and 64, the fused ones at 8 and 32 too
     python bench/gemv.py --quick        # q/o, the fused qkv and gate_up, down
     TRITON_INTERPRET=1 python bench/gemv.py --cpu   # toy shapes on the CPU: the script's own logic only
 

@@ -1,6 +1,6 @@
 """The GPTQ checkpoint (AutoGPTQ format v1) and the layer that computes with it.
 
-    GPTQLinear                     y = x Ŵᵀ + b from the packed tensors (int4 kernel on CUDA)
+    GPTQLinear                     y = x Ŵᵀ + b from the packed tensors (int4 kernels on CUDA)
     save_gptq(model, results, out) quant/gptq.py's results -> a new model directory
     is_gptq(path), load_gptq(path) -> a transformers model whose Linears are GPTQLinear
 
@@ -133,7 +133,8 @@ class GPTQLinear(nn.Module):
         return self._finish(y, x)
 
     def int4_eligible(self):
-        # tinygemm: sm80+ (prepare checks), groups of 32..256, in_features a multiple of 16·inner_k_tiles (>= 2), out a multiple of 8.
+        # tinygemm: sm80+ (prepare checks), groups of 32..256, in_features a multiple of
+        # 16·inner_k_tiles (>= 2), out a multiple of 8.
         return (self.group_size in (32, 64, 128, 256)
                 and self.in_features % 32 == 0 and self.out_features % 8 == 0 and self.tinygemm_layout() is not None)
 

@@ -4,7 +4,6 @@
     ws = split_k.workspace(device, *tile.workspace_need(n, k))   once, when the layer is prepared
     y = gptq_gemv(x, qweight, scales, zeros, group, tile, ws)    x [1, K] bf16/fp16 -> [1, N] in x's dtype
     (under torch.compile a custom op, rawqlora::gptq_gemv, that the compiler calls as it is)
-    gptq_gemv_reference(x, qweight, scales, zeros, group)        the same in plain PyTorch (fp32)
 
 Batch-1 decode reads every weight once per token and does two flops a byte with it, so its time is
 the time to stream the weights from HBM. PyTorch's int4 kernel (tinygemm) reads them at 1.2-1.8 TB/s
@@ -27,7 +26,8 @@ issue at a quarter of the FMA rate): nibbles come in pairs (2p, 2p + 1), 8 bits 
 one shift puts nibble 2p + 1 at mantissa bits 19..22 and nibble 2p at 15..18, and one AND/OR each
 (a LOP3) makes
 
-    v_hi = bitcast_f32(0x3F800000 | q_hi << 19) = 1 + q_hi/16     v_lo = bitcast_f32(0x41800000 | q_lo << 15) = 16 + q_lo/16
+    v_hi = bitcast_f32(0x3F800000 | q_hi << 19) = 1 + q_hi/16
+    v_lo = bitcast_f32(0x41800000 | q_lo << 15) = 16 + q_lo/16
 
 both exact. With dot = Σ x·v over a step's inputs, X_hi and X_lo the sums of x over the odd and the
 even nibbles' inputs:
@@ -67,19 +67,12 @@ class GemvTile(NamedTuple):
 def tile_for(n, k, group):
     """The tile for an [N, K] weight with groups of `group` inputs, or None where the kernel does not
     apply (then GPTQLinear keeps tinygemm). 64 words of codes a lane (16 rows of 4 columns): on the
-    H200, fewer left HBM's latency uncovered and more spilled (bench/RESULTS.md, session 11)."""
+    H200, 32 were 10-20% slower (HBM's latency uncovered) and 128 or more 2-8x slower
+    (bench/RESULTS.md, session 11)."""
     tile = GemvTile(block_n=256, block_k=min(128, group), steps=1, num_warps=2)
     if n % tile.block_n or group % tile.block_k or k % tile.block_k:
         return None
     return tile
-
-
-def gptq_gemv_reference(x, qweight, scales, zeros, group):
-    """x Ŵᵀ in plain PyTorch: Ŵ dequantized to fp32, an fp32 product, rounded to x's dtype."""
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)[None, :, None]
-    q = ((qweight[:, None, :] >> shifts) & 15).reshape(-1, qweight.shape[1])  # [K, N]
-    w = scales.float().repeat_interleave(group, 0) * (q - zeros.int().repeat_interleave(group, 0)).float()
-    return (x.float() @ w).to(x.dtype)
 
 
 def gptq_gemv(x, qweight, scales, zeros, group, tile, ws):

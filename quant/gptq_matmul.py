@@ -1,4 +1,4 @@
-"""y = x Ŵᵀ for several rows of x (batched decode, prefill), straight from a GPTQ checkpoint's packed tensors (CUDA, Triton).
+"""y = x Ŵᵀ for several rows of x (batched decode, prefill), from a GPTQ checkpoint's packed tensors (CUDA, Triton).
 
     matmul_fits(n, k, group)                              whether the kernel takes this weight
     ws = split_k.workspace(device, *workspace_need(n, k)) once, when the layer is prepared
@@ -48,7 +48,8 @@ def matmul_fits(n, k, group):
 
 def config(m, n, k):
     """(BLOCK_M, SPLIT) for M rows of an [N, K] weight: SPLIT doubles while the programs stay
-    within 1,024 and every part keeps at least 4 steps."""
+    within 1,024 and every part keeps at least 4 steps (limits reasoned, not swept: about 8 programs
+    an SM, and enough steps for the loads' pipeline)."""
     if m > MAX_SPLIT_ROWS:
         return 64, 1
     split = 1
@@ -126,7 +127,7 @@ if triton is not None:
             for j in tl.static_range(8):
                 a = tl.load(x_ptr + m[:, None] * K + (k0 + ROWS * j + r)[None, :], mask=m_ok, other=0.0)
                 q = (((w >> (4 * j)) & 15) | bf16_128).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q
-                if INTERPRETED:  # its tl.dot multiplies bf16's bits as integers; fp32 holds them and their products exactly
+                if INTERPRETED:  # its tl.dot multiplies bf16's bits as integers; fp32 holds them and products exactly
                     part = tl.dot(a.to(tl.float32), q.to(tl.float32), part)
                 else:
                     part = tl.dot(a, q, part)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from quant import gptq
 from quant.gptq_checkpoint import GPTQLinear, unpack
 from quant import split_k
-from quant.gptq_gemv import GemvTile, gptq_gemv, gptq_gemv_reference, tile_for
+from quant.gptq_gemv import GemvTile, gptq_gemv, tile_for
 from quant.gptq_matmul import config, gptq_matmul, workspace_need
 
 
@@ -52,8 +52,6 @@ def test_kernel_equals_float64_product(tile, k, group):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
     assert torch.count_nonzero(ws.counters) == 0  # ready for the next call
     assert torch.equal(gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws), y)  # same order, same bits
-    assert torch.allclose(gptq_gemv_reference(x, layer.qweight, layer.scales, zeros, group).double(), ref,
-                          rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
 def test_gptq_linear_sends_one_row_to_the_kernel():
