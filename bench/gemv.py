@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 
 from quant import gptq  # noqa: E402
 from fast.triton_support import triton  # noqa: E402
-from quant.gptq_checkpoint import GPTQLinear, unpack  # noqa: E402
+from quant.gptq_checkpoint import GPTQLinear  # noqa: E402
 from quant import split_k  # noqa: E402
 from quant.gptq_gemv import gptq_gemv, tile_for  # noqa: E402
 from quant.gptq_matmul import gptq_matmul, matmul_fits, workspace_need  # noqa: E402
@@ -163,7 +163,7 @@ def variant_calls(variant, w, layer, x, l2_bytes, n_calls):
         tile = tile_for(n, k, g)
         if triton is None or tile is None or not matmul_fits(n, k, g):
             return "not available (no Triton, or a shape our kernels do not take)"
-        zeros = (unpack(layer.qzeros.T).T + 1).to(torch.uint8)
+        zeros = layer.zero_points().to(torch.uint8)
         ws = split_k.workspace(x.device, *(max(a, b) for a, b in zip(tile.workspace_need(n, k), workspace_need(n, k))))
         nbytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, zeros))
         weights = [(layer.qweight, layer.scales, zeros)] + [

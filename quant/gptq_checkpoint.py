@@ -79,10 +79,17 @@ class GPTQLinear(nn.Module):
             layer.bias = bias.detach().half().cpu()
         return layer
 
+    def zero_points(self):
+        """int32 [in/g, out]: the zeros z of Ŵ = s·(q − z) (the checkpoint stores z − 1)."""
+        return unpack(self.qzeros.T).T + 1
+
+    def column_groups(self):
+        """int64 [in]: input k's group without act-order, k // g."""
+        return torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
+
     def dequantize(self):
         """fp32 Ŵ [out, in] from the packed tensors."""
-        codes, zeros = unpack(self.qweight).T, unpack(self.qzeros.T).T + 1
-        return dequantize(codes, self.scales, zeros, self.g_idx)
+        return dequantize(unpack(self.qweight).T, self.scales, self.zero_points(), self.g_idx)
 
     def prepare(self, dtype):
         self.dense = self.int4 = self.own = None
@@ -111,15 +118,14 @@ class GPTQLinear(nn.Module):
     # tinygemm_layout() is tested through the CPU twin of the kernel (tests/test_gptq.py).
 
     def own_kernels_fit(self):
-        ordered = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
         return (tile_for(self.out_features, self.in_features, self.group_size) is not None
                 and matmul_fits(self.out_features, self.in_features, self.group_size)
-                and torch.equal(self.g_idx.long(), ordered))
+                and torch.equal(self.g_idx.long(), self.column_groups()))
 
     def prepare_own(self):
         n, k = self.out_features, self.in_features
         tile = tile_for(n, k, self.group_size)
-        zeros = (unpack(self.qzeros.T).T + 1).to(torch.uint8)
+        zeros = self.zero_points().to(torch.uint8)
         (p1, c1), (p2, c2) = tile.workspace_need(n, k), workspace_need(n, k)
         self.own = (tile, zeros, split_k.workspace(self.qweight.device, max(p1, p2), max(c1, c2)))
 
@@ -146,9 +152,8 @@ class GPTQLinear(nn.Module):
         makes them contiguous, and the input is permuted the same way at every call.
         scales_and_zeros: fp32 [in/g, out, 2].
         """
-        codes, zeros = unpack(self.qweight).T, unpack(self.qzeros.T).T + 1
-        g_idx = self.g_idx.long()
-        ordered = torch.arange(self.in_features, device=g_idx.device) // self.group_size
+        codes, zeros = unpack(self.qweight).T, self.zero_points()
+        g_idx, ordered = self.g_idx.long(), self.column_groups()
         perm = None
         if not torch.equal(g_idx, ordered):
             perm = torch.argsort(g_idx, stable=True)
