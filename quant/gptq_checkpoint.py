@@ -131,7 +131,12 @@ class GPTQLinear(nn.Module):
 
     def own_forward(self, x):
         tile, zeros, ws = self.own
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        # Only the conversions needed: eager decode pays the host's time for every call, even a no-op one.
+        if x2.dtype != torch.bfloat16:
+            x2 = x2.to(torch.bfloat16)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
         if x2.shape[0] == 1:
             y = gptq_gemv(x2, self.qweight, self.scales, zeros, self.group_size, tile, ws)
         else:
@@ -183,7 +188,8 @@ class GPTQLinear(nn.Module):
         """The kernels' y [rows, out] bf16: + bias, in x's shape and dtype."""
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def quantization_config(group_size, act_order, damp=DAMP):

@@ -2,7 +2,7 @@
 
     tile = tile_for(n, k, group)                  a GemvTile, or None where the kernel does not apply
     ws = split_k.workspace(device, *tile.workspace_need(n, k))   once, when the layer is prepared
-    y = gptq_gemv(x, qweight, scales, zeros, group, tile, ws)    x [1, K] bf16/fp16 -> [1, N] in x's dtype
+    y = gptq_gemv(x, qweight, scales, zeros, group, tile, ws)    x [1, K] bf16 -> [1, N] bf16
     (under torch.compile a custom op, rawqlora::gptq_gemv, that the compiler calls as it is)
 
 Batch-1 decode reads every weight once per token and does two flops a byte with it, so its time is
@@ -37,6 +37,13 @@ even nibbles' inputs:
 a shift per two weights, a LOP3 and an FMA per weight; x's sums are shared by all the lane's
 columns. The 1 (or 16) taken out through the X sums cancels by at most 16·16: fp32 keeps ~2^-15 of
 the output's scale, far below bf16's 2^-9 rounding of y.
+
+x is bf16 and read as int32 words: a word holds inputs 2i (low half) and 2i + 1 (high half), exactly
+the pair (2p, 2p + 1) a shift serves, and a bf16's bits are the top half of its fp32. One 32-bit load
+then serves two inputs, and a shift or an AND makes each an fp32 (it was a load and a conversion each).
+Instructions matter here: a lane issues about 2,000 of them (the SASS, sm_90) for its 256 bytes of
+codes, which at 4 warps issuing a cycle on each of 132 SMs is most of the time HBM needs for them
+(bench/RESULTS.md, session 12).
 """
 
 from typing import NamedTuple
@@ -75,18 +82,21 @@ def tile_for(n, k, group):
     return tile
 
 
-def gptq_gemv(x, qweight, scales, zeros, group, tile, ws):
-    """x [1, K] -> x Ŵᵀ [1, N] in x's dtype (module docstring); one kernel launch, nothing allocated but y."""
+def gptq_gemv(x, qweight, scales, zeros, group, tile, ws, out_dtype=torch.bfloat16):
+    """x [1, K] bf16, contiguous -> x Ŵᵀ [1, N] in out_dtype (module docstring); one kernel launch,
+    nothing allocated but y. (fp32 out_dtype serves the tests: y without bf16's rounding.)"""
     if torch.compiler.is_compiling():
         return torch.ops.rawqlora.gptq_gemv(x, qweight, scales, zeros, ws.partials, ws.counters, group, list(tile))
-    return _launch(x, qweight, scales, zeros, ws.partials, ws.counters, group, tile)  # eager: no op dispatch
+    return _launch(x, qweight, scales, zeros, ws.partials, ws.counters, group, tile, out_dtype)  # eager: no op dispatch
 
 
-def _launch(x, qweight, scales, zeros, partials, counters, group, tile):
+def _launch(x, qweight, scales, zeros, partials, counters, group, tile, out_dtype=torch.bfloat16):
     k, n = qweight.shape[0] * 8, qweight.shape[1]
-    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"gptq_gemv takes bf16 x (read as pairs in int32 words), not {x.dtype}")
+    y = torch.empty(1, n, device=x.device, dtype=out_dtype)
     grid = (n // tile.block_n, tile.split(k))
-    _gemv_kernel[grid](x, qweight, scales, zeros, partials, counters, y, n, ONE_BITS, SIXTEEN_BITS,
+    _gemv_kernel[grid](x.view(torch.int32), qweight, scales, zeros, partials, counters, y, n, ONE_BITS, SIXTEEN_BITS,
                        K=k, GROUP=group, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STEPS=tile.steps,
                        SPLIT=tile.split(k), num_warps=tile.num_warps)
     return y
@@ -118,6 +128,11 @@ if triton is not None:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         r = tl.arange(0, BLOCK_K // 8)  # word rows of a step
         acc = tl.zeros((BLOCK_N,), tl.float32)
+        # program_id(2) is 0 (a 2-D grid), but ptxas cannot know it: the bits stay in a register.
+        # Used as kernel arguments directly, ptxas reloads them from the constant bank (an LDC)
+        # before every LOP3, 512 instructions a lane, a fifth of the kernel's (session 12).
+        one = one_bits + tl.program_id(2)
+        sixteen = sixteen_bits + tl.program_id(2)
         for step in tl.static_range(STEPS):
             k0 = (pid_k * STEPS + step) * BLOCK_K
             w = tl.load(w_ptr + (k0 // 8 + r)[:, None] * N + n[None, :])  # [BLOCK_K/8, BLOCK_N]
@@ -130,10 +145,11 @@ if triton is not None:
                     t = w << (15 - 8 * p)
                 else:
                     t = w >> (8 * p - 15)  # arithmetic: the sign copies land above the masks
-                v_hi = ((t & 0x00780000) | one_bits).to(tl.float32, bitcast=True)  # 1 + q/16
-                v_lo = ((t & 0x00078000) | sixteen_bits).to(tl.float32, bitcast=True)  # 16 + q/16
-                xl = tl.load(x_ptr + k0 + 8 * r + 2 * p).to(tl.float32)
-                xh = tl.load(x_ptr + k0 + 8 * r + 2 * p + 1).to(tl.float32)
+                v_hi = ((t & 0x00780000) | one).to(tl.float32, bitcast=True)  # 1 + q/16
+                v_lo = ((t & 0x00078000) | sixteen).to(tl.float32, bitcast=True)  # 16 + q/16
+                pair = tl.load(x_ptr + k0 // 2 + 4 * r + p)  # bf16 inputs 8r + 2p (low half), 8r + 2p + 1
+                xl = (pair << 16).to(tl.float32, bitcast=True)
+                xh = (pair & -65536).to(tl.float32, bitcast=True)  # -65536: the mask 0xFFFF0000
                 x_lo += xl
                 x_hi += xh
                 dot += xh[:, None] * v_hi

@@ -43,15 +43,16 @@ def test_kernel_equals_float64_product(tile, k, group):
     n = 512
     layer = quantized_layer(n, k, group, seed=k + group)
     zeros = checkpoint_zeros(layer)
-    x = randn(1, k, seed=1)
+    x = randn(1, k, seed=1, dtype=torch.bfloat16)
     ref = x.double() @ layer.dequantize().double().T
     ws = split_k.workspace(DEVICE, *tile.workspace_need(n, k))
-    y = gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws)
-    # fp32 x and y: only the kernel's own fp32 sums differ from float64 (taking out the 1 and 16 of
-    # the codes' floats cancels by at most 256x: ~2^-16 of the scale, measured ~2e-6)
+    y = gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws, out_dtype=torch.float32)
+    # fp32 y from the same bf16 inputs: only the kernel's own fp32 sums differ from float64 (taking
+    # out the 1 and 16 of the codes' floats cancels by at most 256x: ~2^-16 of the scale, measured ~2e-6)
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 2e-5
     assert torch.count_nonzero(ws.counters) == 0  # ready for the next call
-    assert torch.equal(gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws), y)  # same order, same bits
+    again = gptq_gemv(x, layer.qweight, layer.scales, zeros, group, tile, ws, out_dtype=torch.float32)
+    assert torch.equal(again, y)  # same order, same bits
 
 
 def test_gptq_linear_sends_one_row_to_the_kernel():
@@ -80,10 +81,11 @@ def test_tile_only_where_it_fits():
 
 
 @pytest.mark.parametrize("m, k, group, split", [
-    (2, 2048, 128, 4),  # a tile of 16 rows, masked; K in 4 parts
-    (17, 1024, 128, 2),  # 32 rows, masked; 2 parts
-    (40, 512, 256, 1),  # 64 rows: no split, y written directly
-    (70, 256, 128, 1),  # two tiles of 64 rows, the second masked
+    (2, 2048, 128, 4),  # x reordered by nibble; a tile of 16 rows, masked; K in 4 parts
+    (17, 1024, 128, 2),  # reordered; 32 rows, masked; 2 parts
+    (40, 2048, 256, 4),  # x in input order; 64 rows, masked; 4 parts
+    (40, 512, 256, 1),  # in order; K too short to split, y written directly
+    (70, 256, 128, 1),  # in order; two tiles of 64 rows, the second masked; no split above 64 rows
 ])
 def test_matmul_equals_float64_product(m, k, group, split):
     n = 192

@@ -1,0 +1,135 @@
+"""y = x Ŵᵀ for one row of x, straight from a GPTQ checkpoint's packed tensors: batch-1 decode (CUDA, Triton).
+
+    tile = tile_for(n, k, group)                  a GemvTile, or None where the kernel does not apply
+    ws = split_k.workspace(device, *tile.workspace_need(n, k))   once, when the layer is prepared
+    y = gptq_gemv(x, qweight, scales, zeros, group, tile, ws)    x [1, K] bf16/fp16 -> [1, N] in x's dtype
+    (under torch.compile a custom op, rawqlora::gptq_gemv, that the compiler calls as it is)
+
+Batch-1 decode reads every weight once per token and does two flops a byte with it, so its time is
+the time to stream the weights from HBM. PyTorch's int4 kernel (tinygemm) reads them at 1.2-1.8 TB/s
+on an H200 (bench/RESULTS.md, sessions 8 and 10), well short of what the memory gives.
+
+Layout: the checkpoint's own (quant/gptq_checkpoint.py), read in place, no copy:
+    qweight int32 [K/8, N]   code of input k at bits 4·(k mod 8) of row k // 8: N contiguous
+    scales  fp16  [K/g, N]   zeros uint8 [K/g, N] (the checkpoint's qzeros unpacked, + 1)
+    Ŵ[n, k] = s[k // g, n] · (q[k, n] − z[k // g, n])
+
+Work split. A program owns BLOCK_N outputs (four or eight adjacent columns a lane: 16-byte loads,
+a warp's loads cover 512 contiguous bytes of a row) and STEPS · BLOCK_K inputs of them; the grid is
+(N / BLOCK_N) × SPLIT with SPLIT = K / (STEPS · BLOCK_K). Splitting K is what gives a GEMV of a 4096-
+wide layer enough programs in flight to cover HBM's latency (with N alone, 4096 outputs make a few
+dozen programs for 132 SMs). Each program issues all its loads at once and sums in registers; the
+parts are added in a fixed order (quant/split_k.py), so y is the same on every run.
+
+Arithmetic, per lane, in fp32. A code becomes a float without an int -> float conversion (those
+issue at a quarter of the FMA rate): nibbles come in pairs (2p, 2p + 1), 8 bits apart in a word;
+one shift puts nibble 2p + 1 at mantissa bits 19..22 and nibble 2p at 15..18, and one AND/OR each
+(a LOP3) makes
+
+    v_hi = bitcast_f32(0x3F800000 | q_hi << 19) = 1 + q_hi/16
+    v_lo = bitcast_f32(0x41800000 | q_lo << 15) = 16 + q_lo/16
+
+both exact. With dot = Σ x·v over a step's inputs, X_hi and X_lo the sums of x over the odd and the
+even nibbles' inputs:
+
+    Σ x·q = 16·(dot − X_hi − 16·X_lo)        Σ_k x_k Ŵ[n, k] = Σ_steps s·(Σ x·q − z·(X_hi + X_lo))
+
+a shift per two weights, a LOP3 and an FMA per weight; x's sums are shared by all the lane's
+columns. The 1 (or 16) taken out through the X sums cancels by at most 16·16: fp32 keeps ~2^-15 of
+the output's scale, far below bf16's 2^-9 rounding of y.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from fast.triton_support import tl, triton
+
+# The bits of 1.0f and 16.0f, passed as kernel arguments: from a register, ptxas folds
+# `(t & mask) | one` into one LOP3; as an immediate it emits two instructions.
+ONE_BITS, SIXTEEN_BITS = 0x3F800000, 0x41800000
+
+
+class GemvTile(NamedTuple):
+    block_n: int  # outputs per program: 128 · num_warps · (1 or 2)
+    block_k: int  # inputs per step; divides the group size
+    steps: int  # steps per program
+    num_warps: int
+
+    def split(self, k):
+        return k // (self.block_k * self.steps)
+
+    def workspace_need(self, n, k):
+        """(partials, counters) of quant/split_k.py's workspace for an [N, K] weight."""
+        return self.split(k) * n, n // self.block_n
+
+
+def tile_for(n, k, group):
+    """The tile for an [N, K] weight with groups of `group` inputs, or None where the kernel does not
+    apply (then GPTQLinear keeps tinygemm). 64 words of codes a lane (16 rows of 4 columns): on the
+    H200, 32 were 10-20% slower (HBM's latency uncovered) and 128 or more 2-8x slower
+    (bench/RESULTS.md, session 11)."""
+    tile = GemvTile(block_n=256, block_k=min(128, group), steps=1, num_warps=2)
+    if n % tile.block_n or group % tile.block_k or k % tile.block_k:
+        return None
+    return tile
+
+
+def gptq_gemv(x, qweight, scales, zeros, group, tile, ws):
+    """x [1, K] -> x Ŵᵀ [1, N] in x's dtype (module docstring); one kernel launch, nothing allocated but y."""
+    if torch.compiler.is_compiling():
+        return torch.ops.rawqlora.gptq_gemv(x, qweight, scales, zeros, ws.partials, ws.counters, group, list(tile))
+    return _launch(x, qweight, scales, zeros, ws.partials, ws.counters, group, tile)  # eager: no op dispatch
+
+
+def _launch(x, qweight, scales, zeros, partials, counters, group, tile):
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    grid = (n // tile.block_n, tile.split(k))
+    _gemv_kernel[grid](x, qweight, scales, zeros, partials, counters, y, n, ONE_BITS, SIXTEEN_BITS,
+                       K=k, GROUP=group, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, STEPS=tile.steps,
+                       SPLIT=tile.split(k), num_warps=tile.num_warps)
+    return y
+
+
+# than tracing into the launch; eager calls skip its dispatch. It writes the workspace (partials;
+# counters, which it leaves at 0).
+if triton is not None:
+    from quant.split_k import store_sum
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, part_ptr, count_ptr, y_ptr, N, one_bits, sixteen_bits,
+                     K: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     STEPS: tl.constexpr, SPLIT: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        r = tl.arange(0, BLOCK_K // 8)  # word rows of a step
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for step in tl.static_range(STEPS):
+            k0 = (pid_k * STEPS + step) * BLOCK_K
+            w = tl.load(w_ptr + (k0 // 8 + r)[:, None] * N + n[None, :])  # [BLOCK_K/8, BLOCK_N]
+            dot = tl.zeros((BLOCK_K // 8, BLOCK_N), tl.float32)
+            x_hi = tl.zeros((BLOCK_K // 8,), tl.float32)
+            x_lo = tl.zeros((BLOCK_K // 8,), tl.float32)
+            for p in tl.static_range(4):
+                # nibbles 2p and 2p + 1 (inputs 8r + 2p, 8r + 2p + 1) to mantissa bits 15..18 and 19..22
+                if p < 2:
+                    t = w << (15 - 8 * p)
+                else:
+                    t = w >> (8 * p - 15)  # arithmetic: the sign copies land above the masks
+                v_hi = ((t & 0x00780000) | one_bits).to(tl.float32, bitcast=True)  # 1 + q/16
+                v_lo = ((t & 0x00078000) | sixteen_bits).to(tl.float32, bitcast=True)  # 16 + q/16
+                xl = tl.load(x_ptr + k0 + 8 * r + 2 * p).to(tl.float32)
+                xh = tl.load(x_ptr + k0 + 8 * r + 2 * p + 1).to(tl.float32)
+                x_lo += xl
+                x_hi += xh
+                dot += xh[:, None] * v_hi
+                dot += xl[:, None] * v_lo
+            xh_sum = tl.sum(x_hi, axis=0)
+            xl_sum = tl.sum(x_lo, axis=0)
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * N + n).to(tl.float32)
+            z = tl.load(z_ptr + g * N + n).to(tl.float32)
+            acc += (16.0 * s) * (tl.sum(dot, axis=0) - xh_sum - 16.0 * xl_sum) - (s * z) * (xh_sum + xl_sum)
+        store_sum(acc, y_ptr + n, n < N, part_ptr, count_ptr, pid_n, pid_k, tl.arange(0, BLOCK_N), SPLIT, BLOCK_N)
