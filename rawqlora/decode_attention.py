@@ -11,15 +11,19 @@ heads of a KV head are grouped instead, in fp32:
     scores = Σ_d q · k          [b, kv_heads, group, columns]   x scaling, masked to -inf
     out    = Σ_c softmax(scores) · v                            [b, 1, heads, d]
 
-written as products and sums that torch.compile turns into a few fused reductions (an eager call
-would materialise the [.., columns, d] products: the eager decode step keeps sdpa). `routed(step)`
-runs a compiled step with the model's attention dispatched here; anything but one boolean-masked
-query per row goes to sdpa as before.
+written as products and sums (`grouped_attention`), which torch.compile turns into three fused
+reductions (an eager call would materialise the [.., columns, d] products: the eager decode step
+keeps sdpa). On CUDA the same math runs as one Triton kernel instead
+(rawqlora/decode_attention_kernel.py, tested against `grouped_attention`). `routed(step)` runs a
+compiled step with the model's attention dispatched here; anything but one boolean-masked query
+per row goes to sdpa as before.
 """
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from rawqlora import decode_attention_kernel
 
 NAME = "rawqlora_one_token"
 # Attention-function arguments some models pass that change the arithmetic (Gemma 2's logit
@@ -34,14 +38,23 @@ def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if queries != 1 or attention_mask is None or attention_mask.dtype != torch.bool or dropout or extras:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    kv_heads, columns = key.shape[1], key.shape[2]
     scaling = dim**-0.5 if scaling is None else scaling
+    if decode_attention_kernel.fits(query, key):  # on CUDA: this math as one kernel
+        return decode_attention_kernel.attention(query, key, value, attention_mask, scaling), None
+    return grouped_attention(query, key, value, attention_mask, scaling), None
+
+
+def grouped_attention(query, key, value, visible, scaling):
+    """The math (module docstring): query [b, heads, 1, d], key/value [b, kv_heads, columns, d],
+    visible [b, 1, 1, columns] bool -> [b, 1, heads, d] in query's dtype."""
+    batch, heads, _, dim = query.shape
+    kv_heads, columns = key.shape[1], key.shape[2]
     q = query.float().reshape(batch, kv_heads, heads // kv_heads, 1, dim)
     scores = (q * key.float()[:, :, None]).sum(-1) * scaling  # [b, kv_heads, group, columns]
-    scores = scores.masked_fill(~attention_mask.reshape(batch, 1, 1, columns), float("-inf"))
+    scores = scores.masked_fill(~visible.reshape(batch, 1, 1, columns), float("-inf"))
     probs = scores.softmax(dim=-1)
     out = (probs[..., None] * value.float()[:, :, None]).sum(-2)  # [b, kv_heads, group, d]
-    return out.to(query.dtype).reshape(batch, 1, heads, dim), None
+    return out.to(query.dtype).reshape(batch, 1, heads, dim)
 
 
 AttentionInterface.register(NAME, one_token_attention)
