@@ -17,7 +17,9 @@ a sliding window.
 
                   CPU        CUDA
     cache         dynamic    static
-    prefill       eager      eager
+    prefill       eager      eager (compile_prefill=True: a kept decoder's later prefills compiled,
+                             for any prompt length; eager, the host's time per operation is
+                             most of the time to first token, 43 ms for a 64-token 7B prompt)
     decode step   eager      eager for 2 steps, then captured once and replayed (when it pays;
                              with compile=True, compiled before the capture, attention
                              in its one-token form: rawqlora/decode_attention.py)
@@ -63,6 +65,12 @@ KEPT_COLUMNS = 256
 # too. The prefill keeps torch's choice, transformers' own: with it our prompts' logits are
 # theirs (the memory-efficient prefill parted from transformers' generate at token 0).
 STEP_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Compiled code rounds to the model's dtype wherever the eager code does (a bf16 rotary, an
+# activation), not once at the end of each fused kernel, so that it stays close to the eager loop.
+# One run each (bench/RESULTS.md, session 12): GPTQ's compiled decode parted from the eager loop's
+# tokens at a 6-ulp logit gap without it, at a 4-ulp near-tie with it; bf16's still parts at 6 ulps
+# (0.22 in session 6, before either).
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
 
 
 @dataclass
@@ -286,6 +294,10 @@ class StaticDecoder(_Decoder):
         self.additive_mask = model.config._attn_implementation == "eager"
         self.run_step = self.eager_step  # what step() runs and a capture records: eager_step, or it compiled
         self.graph = None
+        # The prefill's forward compiled for any prompt length (a kept decoder, compile_prefill=True),
+        # used once the cache exists: the first prefill allocates it, eagerly (StaticCache.update).
+        self.compiled_forward = None
+        self.prefill_compiled = False  # whether a prefill has run (and so traced) compiled_forward
         if device.type == "cuda":
             self.stream = torch.cuda.Stream(device)
 
@@ -304,7 +316,10 @@ class StaticDecoder(_Decoder):
         prompt_columns = self.all_columns[:width]
         self.cache.columns, self.cache.length = prompt_columns, width  # the prompt sees only its own columns
         visible = visible_columns(self.real[:, :width], prompt_columns, prompt_columns)
-        logits = self._forward(ids, self._mask(visible), positions)
+        forward = self._forward
+        if self.compiled_forward is not None and self.cache.allocated:
+            forward, self.prefill_compiled = self.compiled_forward, True
+        logits = forward(ids, self._mask(visible), positions)
         self.cache.columns, self.cache.length = self.col, self.columns
         self.col.fill_(width)
         self._first(ids, mask, positions, logits)
@@ -354,7 +369,7 @@ class _HostReports:
 
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=None, on_step=None, *,
-             cache=None, graph=None, compile=False):
+             cache=None, graph=None, compile=False, compile_prefill=False):
     """Generate from a batch of prompts (lists of token ids) with an HF causal LM's forward.
 
     stop_ids: a sequence ends at the first of these it emits (EOS, the chat template's
@@ -374,6 +389,11 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
         small kernels (norms, rotary, activations); on CUDA, not with graph=False, and only where
         the step is captured (graph=None skips both for short outputs). The first call with a new
         decoder pays the compile (tens of seconds for a 7B model); a kept decoder keeps it.
+    compile_prefill: with compile, a kept (batch-1) decoder also compiles its prefill, for any
+        prompt length, and prefills with it from its second call on; the first call prefills
+        eagerly (the cache does not exist yet), then once more compiled, which pays that compile
+        (one to two minutes more for a 7B model on an H200 host). It saves about 20 ms of a 7B
+        prompt's time to first token: worth it for a decoder that serves many prompts, not for one.
         Fused kernels round differently: greedy tokens can part from the eager loop's at near-ties.
     """
     if not prompts or not all(prompts):
@@ -400,12 +420,15 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
     required = bool(graph)  # asked for: a failed capture is an error, not a quiet fallback
     if compile and (graph is False or not on_cuda):
         raise ValueError("compile=True compiles the step the CUDA graph captures: it needs graph (on CUDA)")
+    if compile_prefill and not compile:
+        raise ValueError("compile_prefill=True compiles the prefill of a compiled decoder: it needs compile=True")
     if graph is None:
         graph = (on_cuda and cache == "static" and not model.training and not autocast
                  and max_new_tokens > cuda_graph.WARMUP_STEPS + GRAPH_MIN_STEPS and cuda_graph.capturable(model))
     compile = compile and graph  # where no graph pays (a short output), nothing is compiled either
 
-    decoder = _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, compile)
+    decoder = _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, compile,
+                       compile and compile_prefill)
     decoder.model = model
     if sampling.seed is None:
         decoder.generator.seed()
@@ -429,7 +452,7 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
     return out
 
 
-def _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, compile=False):
+def _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, compile=False, compile_prefill=False):
     """A new decoder, or on CUDA the batch-1 one kept from an earlier call with the same settings."""
     batch = len(prompts)
     if cache == "dynamic":
@@ -444,19 +467,21 @@ def _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, c
     decoder = key = None
     if batch == 1:
         key = (columns, sampling.temperature, sampling.top_k, sampling.top_p, sampling.repetition_penalty,
-               tuple(sorted(set(stop_ids))), pad_id, compile, cuda_graph.fingerprint(model))
+               tuple(sorted(set(stop_ids))), pad_id, compile, compile_prefill, cuda_graph.fingerprint(model))
         decoder = cuda_graph.kept(model, key)
     if decoder is None:
         decoder = StaticDecoder(model, batch, sampling, stop_ids, pad_id, columns)
         if compile:
             # dynamic=False: the step's shapes never change. The first calls (the eager warm-up
             # steps before the capture) compile; the capture records the compiled kernels.
-            decoder.run_step = torch.compile(decoder.eager_step, dynamic=False)
+            decoder.run_step = torch.compile(decoder.eager_step, dynamic=False, options=COMPILE_OPTIONS)
             if model.config._attn_implementation == "sdpa":
                 # sdpa's one-token form, compiled with the step (rawqlora/decode_attention.py)
                 decoder.run_step = decode_attention.routed(decoder, decoder.run_step)
         if key is not None:
             cuda_graph.keep(model, key, decoder)
+            if compile_prefill:  # kept, so later calls prefill with it; traced once with the length symbolic
+                decoder.compiled_forward = torch.compile(decoder._forward, dynamic=True, options=COMPILE_OPTIONS)
     return decoder
 
 
@@ -509,6 +534,11 @@ def _run(decoder, prompts, max_new_tokens, pad_id, on_step, graph, on_cuda, requ
         done = read(reports.pop())
         read_steps += 1
     total = time.perf_counter() - start
+    if getattr(decoder, "compiled_forward", None) is not None and not decoder.prefill_compiled:
+        # The first call of a kept decoder with compile_prefill prefilled eagerly (its cache did not
+        # exist). Prefill once more now, compiled: the compile is paid here, with the step's, and
+        # not by the next call. It overwrites cache columns the next prefill writes again.
+        decoder.prefill(ids, mask)
     return Output(tokens=tokens, stopped=stopped, prompt_tokens=sum(len(p) for p in prompts),
                   prefill_seconds=prefill_seconds, decode_seconds=total - prefill_seconds,
                   graph=getattr(decoder, "graph", None) is not None, capture_seconds=capture_seconds)

@@ -28,6 +28,10 @@ class StaticCache:
         self.columns = None  # long tensor: where update() writes; set by the decode loop
         self.length = max_len  # how many columns update() returns: the prompt's at prefill, all when decoding
 
+    @property
+    def allocated(self):
+        return self.keys[0] is not None
+
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.keys[layer_idx] is None:
             # Allocated at the first (prefill) call, in the dtype and on the device the layer

@@ -193,6 +193,8 @@ def test_cache_choice_and_refusals(make_model_dir, encoded):
         generate(mistral, encoded[:1], 4, graph=True)
     with pytest.raises(ValueError, match="needs graph"):
         generate(mistral, encoded[:1], 4, compile=True)
+    with pytest.raises(ValueError, match="needs compile=True"):
+        generate(mistral, encoded[:1], 4, compile_prefill=True)
 
 
 def test_fingerprint_follows_what_a_kept_graph_reads(make_model_dir):
@@ -263,3 +265,28 @@ def test_stop_ids_are_eos_and_the_end_of_turn_token(tokenizer):
 
     model = tiny_model("llama", len(tokenizer))
     assert stop_ids(tokenizer, model) == sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")})
+
+
+def test_compiled_prefill_is_used_once_the_cache_exists(llama, encoded):
+    # compile_prefill=True on CUDA gives a kept decoder a prefill compiled with dynamic shapes. Here the same
+    # switch with torch.compile's "eager" backend (dynamo's tracing, no code generation): the first
+    # call prefills eagerly (allocating the cache), then once more through the compiled forward to
+    # trace it; later prompts, of other lengths, run the traced one without retracing, and the
+    # tokens are the eager decoder's.
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from rawqlora.decode import StaticDecoder, _run
+
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = StaticDecoder(llama, 1, Sampling(), [EOS], 0, 64)
+    decoder.model = llama
+    decoder.compiled_forward = torch.compile(decoder._forward, dynamic=True, backend="eager")
+    with torch.inference_mode():
+        for prompt in encoded[:3]:
+            out = _run(decoder, [prompt], N, 0, None, graph=False, on_cuda=False)
+            assert out.tokens == generate(llama, [prompt], N, [EOS], cache="static").tokens
+    assert decoder.prefill_compiled
+    assert counters["stats"]["unique_graphs"] == 1  # traced once, for every prompt length
+    assert len({len(p) for p in encoded[:3]}) > 1
