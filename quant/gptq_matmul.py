@@ -137,20 +137,38 @@ if triton is not None:
         tl.store(sums_ptr + row * (K // BLOCK_K) + step, tl.sum(x.to(tl.float32), axis=1), mask=ok)
 
     @triton.jit
+    def _tile(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, SPLIT: tl.constexpr):
+        """This program's rows m and columns n of y, and the first input of its part of K (K / SPLIT inputs)."""
+        m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return m, n, tl.program_id(2) * (K // SPLIT)
+
+    @triton.jit
+    def _add_step(acc, part, x_sum, s_ptr, z_ptr, g, n, N):
+        """acc + one step's Σ_k x_k Ŵ[n, k] = s·(Σ x·(128 + q) − (128 + z)·X), its group g's s and z."""
+        s = tl.load(s_ptr + g * N + n).to(tl.float32)
+        z = tl.load(z_ptr + g * N + n).to(tl.float32)
+        return acc + s[None, :] * (part - (128.0 + z)[None, :] * x_sum[:, None])
+
+    @triton.jit
+    def _store(acc, y_ptr, m, n, m_ok, part_ptr, count_ptr, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SPLIT: tl.constexpr):
+        """This program's [BLOCK_M, BLOCK_N] tile of y, or its part of it (quant/split_k.py)."""
+        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        store_sum(acc, y_ptr + m[:, None] * N + n[None, :], m_ok, part_ptr, count_ptr,
+                  tl.program_id(0) * (N // BLOCK_N) + tl.program_id(1), tl.program_id(2), local, SPLIT,
+                  BLOCK_M * BLOCK_N)
+
+    @triton.jit
     def _by_nibble_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, part_ptr, count_ptr, y_ptr, M, N, bf16_128,
                           K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8  # word rows a step
-        PART: tl.constexpr = K // SPLIT  # inputs a program
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m, n, first = _tile(BLOCK_M, BLOCK_N, K, SPLIT)
         r = tl.arange(0, ROWS)
         m_ok = (m < M)[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(pid_k * PART, (pid_k + 1) * PART, BLOCK_K):
+        for k0 in range(first, first + K // SPLIT, BLOCK_K):
             w = tl.load(w_ptr + (k0 // 8 + r)[:, None] * N + n[None, :])  # [ROWS, BLOCK_N] int32
             part = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for j in tl.static_range(8):
@@ -161,30 +179,20 @@ if triton is not None:
                 else:
                     part = tl.dot(a, q, part)
             x_sum = tl.load(xs_ptr + m * (K // BLOCK_K) + k0 // BLOCK_K, mask=m < M, other=0.0)
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + n).to(tl.float32)
-            z = tl.load(z_ptr + g * N + n).to(tl.float32)
-            acc += s[None, :] * (part - (128.0 + z)[None, :] * x_sum[:, None])
-        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        store_sum(acc, y_ptr + m[:, None] * N + n[None, :], m_ok, part_ptr, count_ptr,
-                  pid_m * (N // BLOCK_N) + pid_n, pid_k, local, SPLIT, BLOCK_M * BLOCK_N)
+            acc = _add_step(acc, part, x_sum, s_ptr, z_ptr, k0 // GROUP, n, N)
+        _store(acc, y_ptr, m, n, m_ok, part_ptr, count_ptr, N, BLOCK_M, BLOCK_N, SPLIT)
 
     @triton.jit
     def _in_order_kernel(x_ptr, w_ptr, s_ptr, z_ptr, part_ptr, count_ptr, y_ptr, M, N, bf16_128,
                          K: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
         ROWS: tl.constexpr = BLOCK_K // 8  # word rows a step
-        PART: tl.constexpr = K // SPLIT  # inputs a program
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m, n, first = _tile(BLOCK_M, BLOCK_N, K, SPLIT)
         r = tl.arange(0, ROWS)
         nibble = 4 * tl.arange(0, 8)
         m_ok = (m < M)[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(pid_k * PART, (pid_k + 1) * PART, BLOCK_K):
+        for k0 in range(first, first + K // SPLIT, BLOCK_K):
             w = tl.load(w_ptr + (k0 // 8 + r)[:, None] * N + n[None, :])  # [ROWS, BLOCK_N] int32
             codes = tl.reshape((w[:, None, :] >> nibble[None, :, None]) & 15, (BLOCK_K, BLOCK_N))  # input order
             q = (codes | bf16_128).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 128 + q
@@ -194,10 +202,5 @@ if triton is not None:
             else:
                 part = tl.dot(a, q)
             x_sum = tl.sum(a.to(tl.float32), axis=1)  # X
-            g = k0 // GROUP
-            s = tl.load(s_ptr + g * N + n).to(tl.float32)
-            z = tl.load(z_ptr + g * N + n).to(tl.float32)
-            acc += s[None, :] * (part - (128.0 + z)[None, :] * x_sum[:, None])
-        local = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        store_sum(acc, y_ptr + m[:, None] * N + n[None, :], m_ok, part_ptr, count_ptr,
-                  pid_m * (N // BLOCK_N) + pid_n, pid_k, local, SPLIT, BLOCK_M * BLOCK_N)
+            acc = _add_step(acc, part, x_sum, s_ptr, z_ptr, k0 // GROUP, n, N)
+        _store(acc, y_ptr, m, n, m_ok, part_ptr, count_ptr, N, BLOCK_M, BLOCK_N, SPLIT)
