@@ -41,9 +41,11 @@ the output's scale, far below bf16's 2^-9 rounding of y.
 x is bf16 and read as int32 words: a word holds inputs 2i (low half) and 2i + 1 (high half), exactly
 the pair (2p, 2p + 1) a shift serves, and a bf16's bits are the top half of its fp32. One 32-bit load
 then serves two inputs, and a shift or an AND makes each an fp32 (it was a load and a conversion each).
-Instructions matter here: a lane issues about 2,000 of them (the SASS, sm_90) for its 256 bytes of
-codes, which at 4 warps issuing a cycle on each of 132 SMs is most of the time HBM needs for them
-(bench/RESULTS.md, session 12).
+With the LOP3 constants in registers (below) a lane issues 1,963 instructions for its 256 bytes of
+codes (the SASS for sm_90; 2,571 before), and at 4 warps issuing a cycle on each of 132 SMs that is
+most of the time HBM needs for them. Measured on an H200 (bench/RESULTS.md, session 12): the largest
+product (gate+up, 28672 × 4096) 9% faster; the three smaller ones, bound by latency, 3-8% slower, for
+reasons the instruction count does not show; a 7B layer's four about even.
 """
 
 from typing import NamedTuple
@@ -94,6 +96,8 @@ def _launch(x, qweight, scales, zeros, partials, counters, group, tile, out_dtyp
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     if x.dtype != torch.bfloat16:
         raise TypeError(f"gptq_gemv takes bf16 x (read as pairs in int32 words), not {x.dtype}")
+    if x.storage_offset() % 2:  # a view starting mid-word: .view(torch.int32) needs whole words
+        x = x.clone()
     y = torch.empty(1, n, device=x.device, dtype=out_dtype)
     grid = (n // tile.block_n, tile.split(k))
     _gemv_kernel[grid](x.view(torch.int32), qweight, scales, zeros, partials, counters, y, n, ONE_BITS, SIXTEEN_BITS,

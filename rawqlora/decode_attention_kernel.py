@@ -7,10 +7,9 @@
     (under torch.compile a custom op, rawqlora::one_token_attention, that the compiler calls as it is)
 
 Compiled, the reference's products and sums became three kernels a layer (scores, softmax, the
-weighted sum of values): 9 µs of a 7B layer's decode step on an H200, 0.3 ms a token, for 2 MB of
-keys and values (bench/RESULTS.md, sessions 11-12). Here one program per (row, KV head) holds the
-query heads that share the KV head, walks the columns in blocks with the online softmax of
-FlashAttention (Dao et al. 2022): per block
+weighted sum of values): 9 µs of a 7B layer's decode step on an H200, 0.3 ms a token, for 1 MB of
+keys and values. Here one program per (row, KV head) holds the query heads that share the KV head
+and walks the columns in blocks with the online softmax of FlashAttention (Dao et al. 2022): per block
 
     s = q kᵀ · scaling (−∞ where not visible)      m' = max(m, max s)      p = exp(s − m')
     l = l·exp(m − m') + Σ p                          acc = acc·exp(m − m') + p v
@@ -19,6 +18,10 @@ and out = acc / l. Products on the tensor cores (the query heads padded to 16 ro
 product takes), p rounded to the cache's dtype for the second one as FlashAttention does, the rest
 in fp32. A block where a row sees nothing leaves it as it was (m stays −∞; every row sees at least
 its own column, rawqlora/static_cache.visible_columns).
+
+Measured (bench/RESULTS.md, session 12): with it, and emulate_precision_casts in the same run, a
+batch-1 GPTQ step went from 2.70 to 2.64 ms, less than the 0.2 ms hoped for. At batch 1 it is 8
+programs, each walking every column: splitting the columns across programs is the next thing to try.
 """
 
 import os
@@ -43,6 +46,8 @@ def attention(query, key, value, visible, scaling):
 
 
 def _launch(query, key, value, visible, scaling):
+    # The kernel steps through d with stride 1; any other layout is copied first.
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     batch, heads, _, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     group = heads // kv_heads

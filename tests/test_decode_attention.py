@@ -113,3 +113,17 @@ def test_kernel_equals_grouped_attention(heads, kv_heads, dim, columns):
     # the kernel rounds p to bf16 for p·v (2^-9 of each weight, so at most 2^-9 of max |v|), then
     # both round the output to bf16 (2^-9 of it)
     torch.testing.assert_close(ours.float(), ref.float(), rtol=2**-8, atol=2**-8 * value.abs().max().item())
+
+
+def test_kernel_takes_any_layout():
+    # the kernel steps through d with stride 1: another layout (here d strided) is copied first
+    from rawqlora import decode_attention_kernel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    query = torch.randn(1, 4, 1, 32, generator=g).to(device, torch.bfloat16)
+    key, value = (torch.randn(1, 2, 32, 20, generator=g).to(device, torch.bfloat16).transpose(2, 3) for _ in range(2))
+    assert key.stride(-1) != 1
+    visible = torch.ones(1, 1, 1, 20, dtype=torch.bool, device=device)
+    ours = decode_attention_kernel._launch(query, key, value, visible, 0.2)
+    assert torch.equal(ours, decode_attention_kernel._launch(query, key.contiguous(), value.contiguous(), visible, 0.2))

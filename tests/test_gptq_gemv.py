@@ -73,6 +73,18 @@ def test_gptq_linear_sends_one_row_to_the_kernel():
     assert torch.equal(layer(rows), gptq_matmul(rows, layer.qweight, layer.scales, zeros, 128, ws))
 
 
+def test_gemv_takes_a_view_starting_mid_word():
+    # x is read as int32 pairs: a bf16 view at an odd element offset is copied first, same result
+    n, k = 256, 256
+    layer = quantized_layer(n, k, 128, seed=4)
+    layer.prepare_own()
+    tile, zeros, ws = layer.own
+    x = randn(1, k + 1, seed=5, dtype=torch.bfloat16).reshape(-1)[1:].reshape(1, k)
+    assert x.storage_offset() == 1 and x.is_contiguous()
+    y = gptq_gemv(x, layer.qweight, layer.scales, zeros, 128, tile, ws)
+    assert torch.equal(y, gptq_gemv(x.clone(), layer.qweight, layer.scales, zeros, 128, tile, ws))
+
+
 def test_tile_only_where_it_fits():
     assert tile_for(4096, 4096, 128) == GemvTile(256, 128, 1, 2)
     assert tile_for(4096, 4096, 64).block_k == 64  # a step never straddles a group
