@@ -389,12 +389,12 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
         small kernels (norms, rotary, activations); on CUDA, not with graph=False, and only where
         the step is captured (graph=None skips both for short outputs). The first call with a new
         decoder pays the compile (tens of seconds for a 7B model); a kept decoder keeps it.
+        Fused kernels round differently: greedy tokens can part from the eager loop's at near-ties.
     compile_prefill: with compile, a kept (batch-1) decoder also compiles its prefill, for any
         prompt length, and prefills with it from its second call on; the first call prefills
         eagerly (the cache does not exist yet), then once more compiled, which pays that compile
         (one to two minutes more for a 7B model on an H200 host). It saves about 20 ms of a 7B
         prompt's time to first token: worth it for a decoder that serves many prompts, not for one.
-        Fused kernels round differently: greedy tokens can part from the eager loop's at near-ties.
     """
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")

@@ -30,7 +30,8 @@ class StaticCache:
 
     @property
     def allocated(self):
-        return self.keys[0] is not None
+        """Whether a prefill has made the buffers (after it, no update allocates)."""
+        return any(k is not None for k in self.keys)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.keys[layer_idx] is None:
