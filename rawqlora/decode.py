@@ -393,8 +393,9 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
     compile_prefill: with compile, a kept (batch-1) decoder also compiles its prefill, for any
         prompt length, and prefills with it from its second call on; the first call prefills
         eagerly (the cache does not exist yet), then once more compiled, which pays that compile
-        (one to two minutes more for a 7B model on an H200 host). It saves about 20 ms of a 7B
-        prompt's time to first token: worth it for a decoder that serves many prompts, not for one.
+        (one to three minutes more for a 7B model on an H200 host). It saves 12-17 ms of a 64-token
+        7B prompt's time to first token for bf16 and GPTQ, and costs NF4 30 ms (bench/RESULTS.md,
+        session 12): worth it for a decoder that serves many prompts, not for one.
     """
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
