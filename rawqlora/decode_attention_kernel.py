@@ -1,6 +1,6 @@
 """One-token attention as one Triton kernel (CUDA): rawqlora/decode_attention.py's math, fused.
 
-    fits(query, key)                                whether the kernel takes these shapes
+    fits(query, key)                                whether the kernel takes these (on CUDA)
     out = attention(query, key, value, visible, scaling)
         query [b, heads, 1, d], key/value [b, kv_heads, columns, d] (the static cache's views),
         visible [b, 1, 1, columns] bool -> out [b, 1, heads, d] in query's dtype
@@ -34,9 +34,12 @@ BLOCK_C = 64  # cache columns a step
 
 
 def fits(query, key):
-    """The kernel's shapes: a power-of-two head size of 16..256 (tl.arange), at most 64 query heads a KV head."""
+    """Whether the kernel takes these: 16-bit inputs (in fp32 its products would run in TF32, coarser
+    than the reference's fp32), a power-of-two head size of 16..256 (tl.arange), at most 64 query
+    heads a KV head. The caller checks the device (CUDA)."""
     dim, group = query.shape[-1], query.shape[1] // key.shape[1]
-    return triton is not None and query.is_cuda and 16 <= dim <= 256 and dim & (dim - 1) == 0 and group <= 64
+    return (triton is not None and query.dtype == key.dtype and query.dtype in (torch.bfloat16, torch.float16)
+            and 16 <= dim <= 256 and dim & (dim - 1) == 0 and group <= 64)
 
 
 def attention(query, key, value, visible, scaling):

@@ -127,3 +127,16 @@ def test_kernel_takes_any_layout():
     visible = torch.ones(1, 1, 1, 20, dtype=torch.bool, device=device)
     ours = decode_attention_kernel._launch(query, key, value, visible, 0.2)
     assert torch.equal(ours, decode_attention_kernel._launch(query, key.contiguous(), value.contiguous(), visible, 0.2))
+
+
+def test_kernel_takes_16_bit_inputs_and_its_shapes_only():
+    from rawqlora import decode_attention_kernel
+    from fast.triton_support import triton
+
+    def fits(dtype=torch.bfloat16, heads=8, kv_heads=2, dim=64):
+        return decode_attention_kernel.fits(torch.empty(1, heads, 1, dim, dtype=dtype),
+                                            torch.empty(1, kv_heads, 5, dim, dtype=dtype))
+
+    assert fits() == fits(torch.float16) == (triton is not None)
+    assert not fits(torch.float32)  # TF32 products: the reference's fp32 math instead
+    assert not fits(dim=96) and not fits(dim=512) and not fits(heads=130, kv_heads=2)
