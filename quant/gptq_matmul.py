@@ -52,7 +52,7 @@ BLOCK_N = 64
 MAX_SPLIT_ROWS = 64  # above this many rows, no split: the tiles make programs enough
 BY_NIBBLE_ROWS = 32  # up to this many rows, _by_nibble_kernel; above, _in_order_kernel
 BF16_128 = 0x4300  # the bits of 128.0 in bf16
-PREP_STEPS = 8  # steps of x a program of _reorder_kernel reorders
+REORDER_STEPS = 8  # steps of x a program of _reorder_kernel reorders
 
 
 def matmul_fits(n, k, group):
@@ -94,17 +94,17 @@ def _launch(x, qweight, scales, zeros, partials, counters, group):
         raise TypeError(f"gptq_matmul takes bf16 x, not {x.dtype}")
     y = torch.empty(m, n, device=x.device, dtype=torch.bfloat16)
     grid = (triton.cdiv(m, block_m), n // BLOCK_N, split)
-    shape = dict(K=k, GROUP=group, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split,
+    consts = dict(K=k, GROUP=group, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SPLIT=split,
                  INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, num_stages=3)
     if m > BY_NIBBLE_ROWS:
-        _in_order_kernel[grid](x, qweight, scales, zeros, partials, counters, y, m, n, BF16_128, **shape)
+        _in_order_kernel[grid](x, qweight, scales, zeros, partials, counters, y, m, n, BF16_128, **consts)
         return y
     by_nibble = torch.empty_like(x)
     x_sums = torch.empty(m, k // BLOCK_K, device=x.device, dtype=torch.float32)
-    _reorder_kernel[(m, triton.cdiv(k, BLOCK_K * PREP_STEPS))](x, by_nibble, x_sums, K=k, BLOCK_K=BLOCK_K,
-                                                               STEPS=PREP_STEPS, num_warps=4)
+    _reorder_kernel[(m, triton.cdiv(k, BLOCK_K * REORDER_STEPS))](x, by_nibble, x_sums, K=k, BLOCK_K=BLOCK_K,
+                                                                  STEPS=REORDER_STEPS, num_warps=4)
     _by_nibble_kernel[grid](by_nibble, x_sums, qweight, scales, zeros, partials, counters, y, m, n, BF16_128,
-                            **shape)
+                            **consts)
     return y
 
 

@@ -278,6 +278,7 @@ def test_compiled_prefill_is_used_once_the_cache_exists(llama, encoded):
 
     from rawqlora.decode import StaticDecoder, _run
 
+    assert len({len(p) for p in encoded[:3]}) > 1  # prompts of several lengths
     torch._dynamo.reset()
     counters.clear()
     decoder = StaticDecoder(llama, 1, Sampling(), [EOS], 0, 64)
@@ -289,4 +290,3 @@ def test_compiled_prefill_is_used_once_the_cache_exists(llama, encoded):
             assert out.tokens == generate(llama, [prompt], N, [EOS], cache="static").tokens
     assert decoder.prefill_compiled
     assert counters["stats"]["unique_graphs"] == 1  # traced once, for every prompt length
-    assert len({len(p) for p in encoded[:3]}) > 1
