@@ -37,16 +37,17 @@ def capturable(model):
     return not any("expert" in type(m).__name__.lower() for m in model.modules())
 
 
-def capture(step, stream, generator=None):
+def capture(step, stream, generator=None, pool=None):
     """Record one call of `step` into a CUDA graph on `stream`; `replay()` then runs it again.
 
     A generator that the step samples from is registered with the graph, so each replay draws
-    fresh numbers from its current state (and advances it) as an eager call would.
+    fresh numbers from its current state (and advances it) as an eager call would. `pool`: a
+    memory pool (torch.cuda.graph_pool_handle()) shared with other graphs, else the graph's own.
     """
     graph = torch.cuda.CUDAGraph()
     if generator is not None:
         graph.register_generator_state(generator)
-    with torch.cuda.graph(graph, stream=stream):
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
         step()
     return graph
 

@@ -18,8 +18,8 @@ a sliding window.
                   CPU        CUDA
     cache         dynamic    static
     prefill       eager      eager (compile_prefill=True: a kept decoder's later prefills compiled,
-                             for any prompt length; eager, the host's time per operation is
-                             most of the time to first token, 43 ms for a 64-token 7B prompt)
+                             for any prompt length, then captured per prompt width; eager, the
+                             host's time per operation is most of the time to first token)
     decode step   eager      eager for 2 steps, then captured once and replayed (when it pays;
                              with compile=True, compiled before the capture, attention
                              in its one-token form: rawqlora/decode_attention.py)
@@ -38,6 +38,7 @@ as given: put it in eval mode first (dropout would otherwise be on).
 import inspect
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -55,6 +56,8 @@ GRAPH_MIN_STEPS = 8
 # Columns of a kept batch-1 decoder (chat turns, one prompt at a time) are rounded up to a
 # multiple of this, so that turns of similar length replay the same graph.
 KEPT_COLUMNS = 256
+# Prompt widths whose compiled prefill a kept decoder keeps captured (compile_prefill=True).
+PREFILL_GRAPHS = 8
 # sdpa's kernels for the one-token decode steps on CUDA. Left to choose, torch reaches cuDNN's
 # attention on an H200, whose one-token step at batch 8 and 32 sums in an order that changes
 # from call to call: the same step from the same state differed in the attention output of one
@@ -95,7 +98,9 @@ class Output:
     decode_seconds: float  # every step after that (a graph capture included)
     cache: str = "dynamic"  # "static" or "dynamic"
     graph: bool = False  # whether decode steps replayed a CUDA graph
-    capture_seconds: float = 0.0  # of decode_seconds, spent capturing the graph (0 when kept from an earlier call)
+    # of decode_seconds, spent capturing the step's graph (0 when kept from an earlier call) and, with
+    # compile_prefill, the prefill's for a new prompt width
+    capture_seconds: float = 0.0
 
     @property
     def new_tokens(self):
@@ -298,6 +303,9 @@ class StaticDecoder(_Decoder):
         # used once the cache exists: the first prefill allocates it, eagerly (StaticCache.update).
         self.compiled_forward = None
         self.prefill_compiled = False  # whether a prefill has run (and so traced) compiled_forward
+        # ... and captured per prompt width (capture_prefill), replayed for later prompts of that width:
+        # width -> (graph, its static inputs (ids, mask, positions), its logits). None: not tried, or failed.
+        self.prefill_graphs = None
         if device.type == "cuda":
             self.stream = torch.cuda.Stream(device)
 
@@ -308,7 +316,8 @@ class StaticDecoder(_Decoder):
         return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(
             ~visible, torch.finfo(dtype).min)
 
-    def prefill(self, ids, mask):
+    def _prefill_inputs(self, ids, mask):
+        """The forward's (ids, mask, positions) for the left-padded prompts `ids`, the cache set to take them."""
         width = ids.shape[1]
         self.real.fill_(True)  # the decode columns each hold a token fed
         self.real[:, :width] = mask.bool()
@@ -316,13 +325,57 @@ class StaticDecoder(_Decoder):
         prompt_columns = self.all_columns[:width]
         self.cache.columns, self.cache.length = prompt_columns, width  # the prompt sees only its own columns
         visible = visible_columns(self.real[:, :width], prompt_columns, prompt_columns)
-        forward = self._forward
-        if self.compiled_forward is not None and self.cache.allocated:
-            forward, self.prefill_compiled = self.compiled_forward, True
-        logits = forward(ids, self._mask(visible), positions)
+        return ids, self._mask(visible), positions
+
+    def _decoding(self):
+        """The cache set back for decode steps: every column, written at `col`."""
         self.cache.columns, self.cache.length = self.col, self.columns
-        self.col.fill_(width)
-        self._first(ids, mask, positions, logits)
+
+    def prefill(self, ids, mask):
+        inputs = self._prefill_inputs(ids, mask)
+        captured = self.prefill_graphs and self.prefill_graphs.get(ids.shape[1])
+        if captured:
+            graph, static_inputs, logits = captured
+            for static, given in zip(static_inputs, inputs):
+                static.copy_(given)
+            graph.replay()
+        else:
+            forward = self._forward
+            if self.compiled_forward is not None and self.cache.allocated:
+                forward, self.prefill_compiled = self.compiled_forward, True
+            logits = forward(*inputs)
+        self._decoding()
+        self.col.fill_(ids.shape[1])
+        self._first(ids, mask, inputs[2], logits)
+
+    def capture_prefill(self, ids, mask):
+        """Capture the compiled prefill of prompts as wide as `ids` (after it has run at this width, so
+        that nothing is compiled or set up lazily inside the capture): later prompts of that width
+        replay it, without the host's time per kernel. Keeps the last PREFILL_GRAPHS widths, in one
+        memory pool (a replay's logits are read before any other replay). A failed capture warns
+        and ends the capturing for this decoder. Returns the seconds it took (0: nothing captured)."""
+        width = ids.shape[1]
+        if self.prefill_graphs is None or width in self.prefill_graphs:
+            return 0.0
+        begin = time.perf_counter()
+        inputs = tuple(t.clone() for t in self._prefill_inputs(ids, mask))  # the replays' inputs, in place
+        out = []
+        try:
+            graph = cuda_graph.capture(lambda: out.append(self.compiled_forward(*inputs)), self.stream,
+                                       pool=self.prefill_pool)
+        except Exception as e:  # noqa: BLE001 (any failure means: prefill as before)
+            torch.cuda.synchronize()
+            self.prefill_graphs = None
+            first_line = (str(e).splitlines() or [type(e).__name__])[0]
+            warnings.warn(f"decode: the prefill could not be captured in a CUDA graph ({first_line}); "
+                          "prefilling without one", stacklevel=3)
+            return 0.0
+        finally:
+            self._decoding()
+        if len(self.prefill_graphs) == PREFILL_GRAPHS:
+            del self.prefill_graphs[next(iter(self.prefill_graphs))]  # the oldest width
+        self.prefill_graphs[width] = (graph, inputs, out[0])
+        return time.perf_counter() - begin
 
     def eager_step(self):
         """One decode step with nothing but in-place updates and no host reads: what is captured."""
@@ -393,9 +446,10 @@ def generate(model, prompts, max_new_tokens, stop_ids=(), pad_id=0, sampling=Non
     compile_prefill: with compile, a kept (batch-1) decoder also compiles its prefill, for any
         prompt length, and prefills with it from its second call on; the first call prefills
         eagerly (the cache does not exist yet), then once more compiled, which pays that compile
-        (one to three minutes more for a 7B model on an H200 host). It saves 12-17 ms of a 64-token
-        7B prompt's time to first token for bf16 and GPTQ, and costs NF4 30 ms (bench/RESULTS.md,
-        session 12): worth it for a decoder that serves many prompts, not for one.
+        (one to three minutes more for a 7B model on an H200 host). After each call whose prompt
+        width is new, the compiled prefill of that width is captured in a CUDA graph (the last
+        PREFILL_GRAPHS widths are kept), which later prompts of that width replay. Worth it for a
+        decoder that serves many prompts, not for one (bench/RESULTS.md, sessions 12 and 13).
     """
     if not prompts or not all(prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
@@ -483,6 +537,7 @@ def _decoder(model, prompts, needed, sampling, stop_ids, pad_id, cache, graph, c
             cuda_graph.keep(model, key, decoder)
             if compile_prefill:  # kept, so later calls prefill with it; traced once with the length symbolic
                 decoder.compiled_forward = torch.compile(decoder._forward, dynamic=True, options=COMPILE_OPTIONS)
+                decoder.prefill_graphs, decoder.prefill_pool = {}, torch.cuda.graph_pool_handle()
     return decoder
 
 
@@ -534,12 +589,14 @@ def _run(decoder, prompts, max_new_tokens, pad_id, on_step, graph, on_cuda, requ
     while not done and read_steps < launched:
         done = read(reports.pop())
         read_steps += 1
+    if getattr(decoder, "compiled_forward", None) is not None:
+        if not decoder.prefill_compiled:
+            # The first call of a kept decoder with compile_prefill prefilled eagerly (its cache did not
+            # exist). Prefill once more now, compiled: the compile is paid here, with the step's, and
+            # not by the next call. It overwrites cache columns the next prefill writes again.
+            decoder.prefill(ids, mask)
+        capture_seconds += decoder.capture_prefill(ids, mask)  # for the next prompt of this width
     total = time.perf_counter() - start
-    if getattr(decoder, "compiled_forward", None) is not None and not decoder.prefill_compiled:
-        # The first call of a kept decoder with compile_prefill prefilled eagerly (its cache did not
-        # exist). Prefill once more now, compiled: the compile is paid here, with the step's, and
-        # not by the next call. It overwrites cache columns the next prefill writes again.
-        decoder.prefill(ids, mask)
     return Output(tokens=tokens, stopped=stopped, prompt_tokens=sum(len(p) for p in prompts),
                   prefill_seconds=prefill_seconds, decode_seconds=total - prefill_seconds,
                   graph=getattr(decoder, "graph", None) is not None, capture_seconds=capture_seconds)

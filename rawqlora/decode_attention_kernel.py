@@ -29,8 +29,12 @@ import os
 import torch
 
 from fast.triton_support import tl, triton
+from quant import split_k
 
-BLOCK_C = 64  # cache columns a step
+BLOCK_C = 32  # cache columns a step
+# At batch 1 a 7B model has 8 (row, KV head) pairs: the columns are split until about this many
+# programs run (two an SM on an H200's 132), each over whole blocks.
+PROGRAMS = 264
 
 
 def fits(query, key):
@@ -48,19 +52,31 @@ def attention(query, key, value, visible, scaling):
     return _launch(query, key, value, visible, scaling)
 
 
+def split(pairs, columns):
+    """(blocks a program walks, programs a (row, KV head) pair) for `pairs` pairs and `columns` columns."""
+    blocks = triton.cdiv(columns, BLOCK_C)
+    parts = min(blocks, max(1, triton.cdiv(PROGRAMS, pairs)))
+    per_part = triton.cdiv(blocks, parts)
+    return per_part, triton.cdiv(blocks, per_part)
+
+
 def _launch(query, key, value, visible, scaling):
     # The kernel steps through d with stride 1; any other layout is copied first.
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     batch, heads, _, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     group = heads // kv_heads
+    g_pad = max(16, triton.next_power_of_2(group))
     out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype)
     visible = visible.reshape(batch, columns)
-    _kernel[(batch, kv_heads)](query, key, value, visible, out, scaling, columns,
-                               query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
-                               value.stride(0), value.stride(1), value.stride(2), visible.stride(0),
-                               GROUP=group, G_PAD=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_C=BLOCK_C,
-                               INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+    blocks, parts = split(batch * kv_heads, columns)
+    # each part's (acc, m, l): g_pad · (dim + 2) floats; a counter per pair
+    ws = split_k.workspace(query.device, batch * kv_heads * parts * g_pad * (dim + 2), batch * kv_heads)
+    _kernel[(batch, kv_heads, parts)](query, key, value, visible, out, ws.partials, ws.counters, scaling, columns,
+                                      query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+                                      value.stride(0), value.stride(1), value.stride(2), visible.stride(0),
+                                      GROUP=group, G_PAD=g_pad, D=dim, BLOCK_C=BLOCK_C, BLOCKS=blocks, SPLIT=parts,
+                                      INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
     return out
 
 
@@ -79,35 +95,36 @@ def _(query, key, value, visible, scaling):
 if triton is not None:
 
     @triton.jit
-    def _kernel(q_ptr, k_ptr, v_ptr, vis_ptr, o_ptr, scaling, columns,
+    def _kernel(q_ptr, k_ptr, v_ptr, vis_ptr, o_ptr, part_ptr, count_ptr, scaling, columns,
                 sq_b, sq_h, sk_b, sk_h, sk_c, sv_b, sv_h, sv_c, svis_b,
                 GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                INTERPRETED: tl.constexpr):
+                BLOCKS: tl.constexpr, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
+        part = tl.program_id(2)  # this program's columns: [part · BLOCKS · BLOCK_C, + BLOCKS · BLOCK_C)
         g = tl.arange(0, G_PAD)  # query heads h·GROUP + g, rows past GROUP padding
         d = tl.arange(0, D)
         c = tl.arange(0, BLOCK_C)
-        row = (g < GROUP)[:, None]
-        q = tl.load(q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d[None, :], mask=row, other=0.0)
+        row = g < GROUP
+        q = tl.load(q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d[None, :], mask=row[:, None], other=0.0)
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
-        for c0 in range(0, columns, BLOCK_C):
-            cols = c0 + c
+        for i in range(BLOCKS):
+            cols = (part * BLOCKS + i) * BLOCK_C + c
             inside = cols < columns
+            seen = tl.load(vis_ptr + b * svis_b + cols, mask=inside, other=0) != 0
+            # k and v masked by `inside`, not `seen`: their loads then wait on nothing
             k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_c + d[None, :], mask=inside[:, None], other=0.0)
             v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_c + d[None, :], mask=inside[:, None], other=0.0)
-            seen = tl.load(vis_ptr + b * svis_b + cols, mask=inside, other=0) != 0
             if INTERPRETED:  # its tl.dot multiplies bf16's bits as integers; fp32 holds them and products exactly
                 qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)))
             else:
                 qk = tl.dot(q, tl.trans(k))
             s = tl.where(seen[None, :], qk * scaling, float("-inf"))  # [G_PAD, BLOCK_C]
             m_new = tl.maximum(m, tl.max(s, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: exp(−∞ − 0) = 0, not NaN
-            p = tl.exp(s - shift[:, None])
-            rescale = tl.exp(m - shift)
+            p = tl.exp(s - _finite(m_new)[:, None])
+            rescale = tl.exp(m - _finite(m_new))
             l = l * rescale + tl.sum(p, axis=1)
             if INTERPRETED:
                 pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32))
@@ -115,6 +132,47 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * rescale[:, None] + pv
             m = m_new
-        out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # padding rows: l = 0
-        tl.store(o_ptr + (b * GROUP * tl.num_programs(1) + h * GROUP + g)[:, None] * D + d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row)
+        out_ptrs = o_ptr + (b * GROUP * tl.num_programs(1) + h * GROUP + g)[:, None] * D + d[None, :]
+        if SPLIT == 1:
+            tl.store(out_ptrs, (acc / _nonzero(l)[:, None]).to(o_ptr.dtype.element_ty), mask=row[:, None])
+        else:
+            # This part's (acc, m, l) stored; the last part of (b, h) to finish merges all SPLIT parts in
+            # part order (the same result on every run; quant/split_k.py's counters, the same protocol):
+            # with M the rows' largest m, out = Σ acc·exp(m − M) / Σ l·exp(m − M).
+            tile = b * tl.num_programs(1) + h
+            parts = part_ptr + tile * (SPLIT * G_PAD * (D + 2))
+            at = parts + part * (G_PAD * (D + 2))
+            tl.store(at + g[:, None] * D + d[None, :], acc, mask=row[:, None])
+            tl.store(at + G_PAD * D + g, m, mask=row)
+            tl.store(at + G_PAD * (D + 1) + g, l, mask=row)
+            tl.debug_barrier()  # every lane's part stored before the counter moves (released below)
+            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if done == SPLIT - 1:
+                # one pass, the parts' loads independent of each other (unrolled): with M the largest m
+                # so far, total = Σ acc·exp(m − M), weight = Σ l·exp(m − M), rescaled as M grows
+                top = tl.full((G_PAD,), float("-inf"), tl.float32)
+                total = tl.zeros((G_PAD, D), tl.float32)
+                weight = tl.zeros((G_PAD,), tl.float32)
+                for j in tl.static_range(SPLIT):  # .cg: from L2, not a stale L1
+                    at = parts + j * (G_PAD * (D + 2))
+                    m_i = tl.load(at + G_PAD * D + g, mask=row, other=float("-inf"), cache_modifier=".cg")
+                    l_i = tl.load(at + G_PAD * (D + 1) + g, mask=row, other=0.0, cache_modifier=".cg")
+                    acc_i = tl.load(at + g[:, None] * D + d[None, :], mask=row[:, None], other=0.0, cache_modifier=".cg")
+                    new_top = tl.maximum(top, m_i)
+                    before = tl.exp(top - _finite(new_top))  # a part that saw nothing: m = −∞, weight 0
+                    w = tl.exp(m_i - _finite(new_top))
+                    weight = weight * before + l_i * w
+                    total = total * before[:, None] + acc_i * w[:, None]
+                    top = new_top
+                tl.store(out_ptrs, (total / _nonzero(weight)[:, None]).to(o_ptr.dtype.element_ty), mask=row[:, None])
+                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _finite(m):
+        """m, with −∞ (nothing seen yet) as 0: exp(−∞ − 0) = 0 where exp(−∞ − (−∞)) would be NaN."""
+        return tl.where(m == float("-inf"), 0.0, m)
+
+    @triton.jit
+    def _nonzero(l):
+        """l, with 0 (a padding row, which sees nothing) as 1."""
+        return tl.where(l == 0.0, 1.0, l)

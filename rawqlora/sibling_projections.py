@@ -21,21 +21,29 @@ directory: the packed codes, zeros and scales concatenate along the outputs, giv
 permutation for the group). LoRA-wrapped or 4-bit bitsandbytes layers are left as they are.
 """
 
+from functools import partial
+
 import torch
 from torch import nn
 
-from quant.gptq_checkpoint import GPTQLinear
+from quant.gptq_checkpoint import GPTQLinear, pack, unpack
+from quant.gptq_gemv import gptq_gemv
 
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+GATE_UP = ("gate_proj", "up_proj")
+GROUPS = (("q_proj", "k_proj", "v_proj"), GATE_UP)
+# MLPs whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)) (transformers' Llama, Mistral, Qwen2)
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 
 
 class SiblingGroup(nn.Module):
-    """One layer computing several projections of the same input; `output(x, i)` is projection i."""
+    """One layer computing several projections of the same input; `output(x, i)` is projection i.
+    interleaved: two projections of one width, output j of projection i at 2j + i (gate_up_silu)."""
 
-    def __init__(self, fused, widths):
+    def __init__(self, fused, widths, interleaved=False):
         super().__init__()
         self.fused = fused
         self.bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+        self.interleaved = interleaved
         self.last = None  # (x, fused(x)) for the members that have not taken their slice yet
 
     def output(self, x, i):
@@ -46,6 +54,8 @@ class SiblingGroup(nn.Module):
             # The last member clears it: nothing is held between forwards (and a compiled step
             # sees the same state, None, on every call).
             self.last = None
+        if self.interleaved:
+            return y[..., i::2]
         return y[..., self.bounds[i] : self.bounds[i + 1]]
 
 
@@ -73,20 +83,29 @@ def fused_linear(layers):
     return fused.requires_grad_(False)
 
 
-def fused_gptq(layers):
-    """One GPTQLinear: codes, zeros and scales of each layer side by side along the outputs,
-    prepared as the first layer was (for the int4 kernels, a cached dense weight, or not at all)."""
+def fused_gptq(layers, interleaved=False):
+    """One GPTQLinear: codes, zeros and scales of each layer side by side along the outputs (or, for
+    two layers, interleaved: output j of layer i at 2j + i), prepared as the first layer was (for the
+    int4 kernels, a cached dense weight, or not at all)."""
     first = layers[0]
     bias = first.bias is not None
     fused = GPTQLinear(first.in_features, sum(m.out_features for m in layers), bias, first.group_size,
                        device=first.qweight.device)
-    fused.qweight = torch.cat([m.qweight for m in layers], dim=1)  # [in / 8, out]: 8 codes of a column a word
-    fused.qzeros = torch.cat([m.qzeros for m in layers], dim=1)  # [groups, out / 8]: each width is a multiple of 8
-    fused.scales = torch.cat([m.scales for m in layers], dim=1)
+
+    def outputs(tensors):  # [rows, out] each -> [rows, Σ out]
+        return torch.stack(tensors, dim=2).flatten(1) if interleaved else torch.cat(tensors, dim=1)
+
+    fused.qweight = outputs([m.qweight for m in layers])  # [in / 8, out]: 8 codes of a column a word
+    # [groups, out / 8], 8 zero points a word along the outputs: unpacked to interleave them
+    fused.qzeros = (pack(outputs([unpack(m.qzeros.T).T for m in layers]).T).T.contiguous() if interleaved else
+                    outputs([m.qzeros for m in layers]))
+    fused.scales = outputs([m.scales for m in layers])
     fused.g_idx = first.g_idx
     if bias:
-        fused.bias = torch.cat([m.bias for m in layers])
-    if first.own is not None or first.int4 is not None:
+        fused.bias = outputs([m.bias[None] for m in layers])[0]
+    if first.own is not None:  # on our kernels, which take the sum of widths they take
+        fused.prepare_own()
+    elif first.int4 is not None:
         fused.prepare(torch.bfloat16)
     elif first.dense is not None:
         fused.prepare(first.dense.dtype)
@@ -117,9 +136,33 @@ def fuse(model):
             layers = [getattr(parent, n, None) for n in names]
             if any(m is None for m in layers) or not fusable(layers):
                 continue
-            fused = fused_linear(layers) if type(layers[0]) is nn.Linear else fused_gptq(layers)
-            group = SiblingGroup(fused, [m.out_features for m in layers])
+            silu_epilogue = names == GATE_UP and swiglu_epilogue_fits(parent, layers)
+            fused = fused_linear(layers) if type(layers[0]) is nn.Linear else fused_gptq(layers, silu_epilogue)
+            group = SiblingGroup(fused, [m.out_features for m in layers], interleaved=silu_epilogue)
             for index, name in enumerate(names):
                 setattr(parent, name, SiblingView(group, index))
+            if silu_epilogue:
+                parent.forward = partial(swiglu_mlp_forward, parent)
             count += 1
     return count
+
+
+def swiglu_epilogue_fits(mlp, layers):
+    """Whether a SwiGLU MLP's gate/up product can end in silu(gate) · up (quant/gptq_gemv.py, swiglu=True):
+    GPTQ layers on our kernels, no bias, the MLP's forward down(silu(gate(x)) · up(x))."""
+    gate, up = layers
+    return (isinstance(gate, GPTQLinear) and gate.own is not None and gate.bias is None
+            and gate.out_features == up.out_features and type(mlp).__name__ in SWIGLU_MLPS
+            and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))  # torch's, transformers
+
+
+def swiglu_mlp_forward(mlp, x):
+    """The MLP's forward. One row (batch-1 decode): gate and up in one product that ends in silu(gate) · up,
+    one kernel fewer; otherwise the model's own, on the fused layer's interleaved views."""
+    if x.numel() != x.shape[-1]:
+        return type(mlp).forward(mlp, x)
+    fused = mlp.gate_proj.group.fused
+    tile, zeros, ws = fused.own
+    h = gptq_gemv(x.reshape(1, -1).to(torch.bfloat16).contiguous(), fused.qweight, fused.scales, zeros,
+                  fused.group_size, tile, ws, swiglu=True)
+    return mlp.down_proj(h.reshape(*x.shape[:-1], -1).to(x.dtype))

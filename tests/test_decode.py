@@ -290,3 +290,39 @@ def test_compiled_prefill_is_used_once_the_cache_exists(llama, encoded):
             assert out.tokens == generate(llama, [prompt], N, [EOS], cache="static").tokens
     assert decoder.prefill_compiled
     assert counters["stats"]["unique_graphs"] == 1  # traced once, for every prompt length
+
+
+def test_compiled_prefill_is_captured_per_width_and_replayed(llama, encoded, monkeypatch):
+    # compile_prefill=True captures the compiled prefill of each new prompt width after the call that
+    # ran it, and replays it for later prompts of that width, with their own tokens copied into the
+    # captured inputs. Here a stand-in graph (capturing runs the Python once, replay() again) and a
+    # forward that writes its logits into one fixed tensor, as a graph's replays do.
+    from rawqlora.decode import StaticDecoder, _run
+
+    replays = []
+
+    class Graph:
+        def __init__(self, step):
+            self.step = step
+            step()
+
+        def replay(self):
+            replays.append(1)
+            self.step()
+
+    monkeypatch.setattr(cuda_graph, "capture", lambda step, stream, generator=None, pool=None: Graph(step))
+    monkeypatch.setattr(decode, "PREFILL_GRAPHS", 2)
+    decoder = StaticDecoder(llama, 1, Sampling(), [EOS], 0, 64)
+    decoder.model = llama
+    logits = torch.empty(1, llama.config.vocab_size)
+    decoder.compiled_forward = lambda *inputs: logits.copy_(decoder._forward(*inputs))
+    decoder.prefill_graphs, decoder.prefill_pool = {}, None
+    prompts = encoded[:3]
+    assert len({len(p) for p in prompts}) == 3
+    with torch.inference_mode():
+        for prompt in prompts:
+            for tokens in (prompt, prompt[::-1]):  # the second: the same width, other tokens, replayed
+                out = _run(decoder, [tokens], N, 0, None, graph=False, on_cuda=False)
+                assert out.tokens == generate(llama, [tokens], N, [EOS], cache="static").tokens
+    assert len(replays) == 3
+    assert list(decoder.prefill_graphs) == [len(p) for p in prompts[1:]]  # the last two widths kept

@@ -88,15 +88,18 @@ def test_arguments_it_does_not_handle_go_to_sdpa(monkeypatch):
     assert calls and calls[0]["softcap"] == 30.0
 
 
-@pytest.mark.parametrize("heads, kv_heads, dim, columns", [
-    (8, 2, 64, 150),  # Mistral's grouping (4 query heads a KV head); 3 blocks of columns, the last partial
-    (7, 7, 32, 64),  # no grouping, an odd head count: padded rows
-    (28, 4, 128, 40),  # Qwen2-7B's 7 query heads a KV head, 128-wide heads, one partial block
+@pytest.mark.parametrize("heads, kv_heads, dim, columns, programs", [
+    (8, 2, 64, 150, 264),  # Mistral's grouping (4 query heads a KV head); 5 parts of a block, the last partial
+    (8, 2, 64, 150, 12),  # 2 parts of 3 blocks: the last block of the last part past the columns
+    (8, 2, 64, 30, 264),  # one block: no split
+    (7, 7, 32, 64, 264),  # no grouping, an odd head count: padded rows
+    (28, 4, 128, 40, 264),  # Qwen2-7B's 7 query heads a KV head, 128-wide heads, one partial block
 ])
-def test_kernel_equals_grouped_attention(heads, kv_heads, dim, columns):
+def test_kernel_equals_grouped_attention(heads, kv_heads, dim, columns, programs, monkeypatch):
     # rawqlora/decode_attention_kernel.py against the reference math, on the GPU or in Triton's interpreter
     from rawqlora import decode_attention_kernel
 
+    monkeypatch.setattr(decode_attention_kernel, "PROGRAMS", programs)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(heads + columns)
     batch = 3
@@ -104,12 +107,14 @@ def test_kernel_equals_grouped_attention(heads, kv_heads, dim, columns):
     cache = torch.randn(2, batch, kv_heads, columns + 16, dim, generator=g).to(device, torch.bfloat16)
     key, value = cache[0, :, :, :columns], cache[1, :, :, :columns]  # views of a longer cache, as decode's
     real = torch.ones(batch, columns, dtype=torch.bool)
-    real[1, :70] = False  # left padding past a whole block of 64 columns (with fewer, row 1 sees only its own)
+    real[1, :70] = False  # left padding past whole blocks (for the 30-column case: row 1 sees only its own)
     real[2, :5] = False
     visible = visible_columns(real, torch.tensor([columns - 9]), torch.arange(columns)).to(device)
     ours = decode_attention_kernel._launch(query, key, value, visible, dim**-0.5)
     ref = decode_attention.grouped_attention(query, key, value, visible, dim**-0.5)
     assert ours.shape == ref.shape == (batch, 1, heads, dim) and ours.dtype == torch.bfloat16
+    # the parts merge in a fixed order, and the last one resets its counter for the next call
+    assert torch.equal(decode_attention_kernel._launch(query, key, value, visible, dim**-0.5), ours)
     # the kernel rounds p to bf16 for p·v (2^-9 of each weight, so at most 2^-9 of max |v|), then
     # both round the output to bf16 (2^-9 of it)
     torch.testing.assert_close(ours.float(), ref.float(), rtol=2**-8, atol=2**-8 * value.abs().max().item())

@@ -32,14 +32,16 @@ def checkpoint_zeros(layer):
     return layer.zero_points().to(torch.uint8)
 
 
+@pytest.mark.parametrize("pairs", [True, False])  # x read in int32 pairs, or one bf16 at a time
 @pytest.mark.parametrize("tile, k, group", [
-    (GemvTile(256, 128, 1, 2), 512, 128),  # the library's tile: 4 partial sums per column block
-    (GemvTile(256, 32, 4, 1), 1024, 128),  # several steps a program, 8 partials
-    (GemvTile(256, 64, 1, 2), 512, 64),  # a group per step
-    (GemvTile(256, 32, 2, 1), 256, 32),  # several groups a program
-    (GemvTile(256, 128, 2, 2), 256, 128),  # one program along K: no partials, y written directly
+    (GemvTile(256, 128, 1, 2, True), 512, 128),  # the library's tile: 4 partial sums per column block
+    (GemvTile(256, 32, 4, 1, True), 1024, 128),  # several steps a program, 8 partials
+    (GemvTile(256, 64, 1, 2, True), 512, 64),  # a group per step
+    (GemvTile(256, 32, 2, 1, True), 256, 32),  # several groups a program
+    (GemvTile(256, 128, 2, 2, True), 256, 128),  # one program along K: no partials, y written directly
 ])
-def test_kernel_equals_float64_product(tile, k, group):
+def test_kernel_equals_float64_product(tile, k, group, pairs):
+    tile = tile._replace(pairs=pairs)
     n = 512
     layer = quantized_layer(n, k, group, seed=k + group)
     zeros = checkpoint_zeros(layer)
@@ -74,11 +76,12 @@ def test_gptq_linear_sends_one_row_to_the_kernel():
 
 
 def test_gemv_takes_a_view_starting_mid_word():
-    # x is read as int32 pairs: a bf16 view at an odd element offset is copied first, same result
+    # x read as int32 pairs: a bf16 view at an odd element offset is copied first, same result
     n, k = 256, 256
     layer = quantized_layer(n, k, 128, seed=4)
     layer.prepare_own()
-    tile, zeros, ws = layer.own
+    _, zeros, ws = layer.own
+    tile = GemvTile(256, 128, 1, 2, pairs=True)
     x = randn(1, k + 1, seed=5, dtype=torch.bfloat16).reshape(-1)[1:].reshape(1, k)
     assert x.storage_offset() == 1 and x.is_contiguous()
     y = gptq_gemv(x, layer.qweight, layer.scales, zeros, 128, tile, ws)
@@ -86,7 +89,8 @@ def test_gemv_takes_a_view_starting_mid_word():
 
 
 def test_tile_only_where_it_fits():
-    assert tile_for(4096, 4096, 128) == GemvTile(256, 128, 1, 2)
+    assert tile_for(4096, 4096, 128) == GemvTile(256, 128, 1, 2, pairs=False)  # 512 programs
+    assert tile_for(28672, 4096, 128).pairs  # 3,584 programs: bound by issue, x in pairs
     assert tile_for(4096, 4096, 64).block_k == 64  # a step never straddles a group
     assert tile_for(4000, 4096, 128) is None  # outputs not a multiple of the block: tinygemm
     assert tile_for(4096, 4160, 128) is None
@@ -135,6 +139,6 @@ def test_custom_ops_equal_the_eager_launches():
     tile, zeros, ws = layer.own
     one, rows = randn(1, k, seed=1, dtype=torch.bfloat16), randn(5, k, seed=2, dtype=torch.bfloat16)
     assert torch.equal(torch.ops.rawqlora.gptq_gemv(one, layer.qweight, layer.scales, zeros, ws.partials,
-                                                    ws.counters, 128, list(tile)), layer(one))
+                                                    ws.counters, 128, list(tile), False), layer(one))
     assert torch.equal(torch.ops.rawqlora.gptq_matmul(rows, layer.qweight, layer.scales, zeros, ws.partials,
                                                       ws.counters, 128), layer(rows))

@@ -10,6 +10,7 @@ import lora
 from quant import gptq
 from quant.gptq_checkpoint import GPTQLinear
 from rawqlora import sibling_projections
+from rawqlora.sibling_projections import GATE_UP
 from rawqlora.decode import generate
 from rawqlora.tiny import tiny_model
 
@@ -79,3 +80,43 @@ def test_unfusable_groups_stay():
     parent = gptq_siblings()
     parent.up_proj.g_idx = parent.up_proj.g_idx.flip(0)
     assert sibling_projections.fuse(parent) == 0
+
+
+def test_gptq_gate_up_ends_in_silu_for_one_row():
+    # A Mistral MLP on GPTQ layers with our kernels (Triton's interpreter on the CPU): fused, gate and
+    # up interleave, and one row's gate+up product ends in silu(gate) · up (quant/gptq_gemv.py,
+    # swiglu=True). Against the unfused MLP on the same kernels: the products are the same sums, and
+    # the epilogue rounds to bf16 where the three separate operations do. Those roundings are to
+    # nearest on a GPU, but the interpreter's float -> bf16 cast truncates: up to 3 ulps (2^-7 of
+    # |h| each) apart here; on a GPU silu's exp alone may differ, by 1 ulp, rarely.
+    from transformers import MistralConfig
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    mlp = MistralMLP(MistralConfig(hidden_size=128, intermediate_size=256))
+    for name in GATE_UP + ("down_proj",):
+        linear = getattr(mlp, name)
+        layer = GPTQLinear.from_quantized(gptq.rtn_quantize(linear.weight.detach() * 0.02, group_size=128)).to(device)
+        layer.prepare_own() if name in GATE_UP else layer.prepare(torch.bfloat16)
+        setattr(mlp, name, layer)
+    plain = copy.deepcopy(mlp)
+    assert sibling_projections.fuse(mlp) == 1
+    fused = mlp.gate_proj.group.fused
+    assert mlp.gate_proj.group.interleaved and fused.own is not None
+    torch.testing.assert_close(fused.dequantize()[0::2], plain.gate_proj.dequantize(), rtol=0, atol=0)
+    torch.testing.assert_close(fused.dequantize()[1::2], plain.up_proj.dequantize(), rtol=0, atol=0)
+    x = torch.randn(1, 1, 128).to(device, torch.bfloat16)
+    calls = []
+    real = sibling_projections.gptq_gemv
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sibling_projections, "gptq_gemv", lambda *a, **k: calls.append(k) or real(*a, **k))
+        h_ref = plain.act_fn(plain.gate_proj(x)) * plain.up_proj(x)
+        h = sibling_projections.gptq_gemv(x.reshape(1, 128), fused.qweight, fused.scales, fused.own[1], 128,
+                                          fused.own[0], fused.own[2], swiglu=True).reshape(1, 1, 256)
+        assert calls == [{"swiglu": True}]
+        ulps = ((h.float() - h_ref.float()).abs() / (2**-7 * h_ref.float().abs().clamp(min=1e-30))).max()
+        assert ulps <= (1 if device == "cuda" else 3)
+        assert torch.equal(mlp(x), plain.down_proj(h))  # the forward takes this path
+        rows = torch.randn(2, 3, 128).to(device, torch.bfloat16)  # more than one row: the model's forward, interleaved views
+        torch.testing.assert_close(mlp(rows), plain(rows), rtol=0, atol=0)
