@@ -45,7 +45,8 @@ With the LOP3 constants in registers (below) a lane issues 1,963 instructions fo
 codes (the SASS for sm_90; 2,571 before), and at 4 warps issuing a cycle on each of 132 SMs that is
 most of the time HBM needs for them. Measured on an H200 (bench/RESULTS.md, session 12): the largest
 product (gate+up, 28672 × 4096) 9% faster; the three smaller ones, bound by latency, 3-8% slower, for
-reasons the instruction count does not show; a 7B layer's four about even.
+reasons the instruction count does not show; a 7B layer's four about even. Hence GemvTile.pairs:
+pairs for products of many programs, one load an input for the others.
 """
 
 from typing import NamedTuple

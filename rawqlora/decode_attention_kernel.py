@@ -8,20 +8,25 @@
 
 Compiled, the reference's products and sums became three kernels a layer (scores, softmax, the
 weighted sum of values): 9 µs of a 7B layer's decode step on an H200, 0.3 ms a token, for 1 MB of
-keys and values. Here one program per (row, KV head) holds the query heads that share the KV head
-and walks the columns in blocks with the online softmax of FlashAttention (Dao et al. 2022): per block
+keys and values. Here a program per (row, KV head, part of the columns) holds the query heads that
+share the KV head and walks its columns in blocks with the online softmax of FlashAttention (Dao et
+al. 2022): per block
 
     s = q kᵀ · scaling (−∞ where not visible)      m' = max(m, max s)      p = exp(s − m')
     l = l·exp(m − m') + Σ p                          acc = acc·exp(m − m') + p v
 
-and out = acc / l. Products on the tensor cores (the query heads padded to 16 rows, the least a
-product takes), p rounded to the cache's dtype for the second one as FlashAttention does, the rest
-in fp32. A block where a row sees nothing leaves it as it was (m stays −∞; every row sees at least
-its own column, rawqlora/static_cache.visible_columns).
+Products on the tensor cores (the query heads padded to 16 rows, the least a product takes), p
+rounded to the cache's dtype for the second one as FlashAttention does, the rest in fp32. A block
+where a row sees nothing leaves it as it was (m stays −∞; every row sees at least its own column,
+rawqlora/static_cache.visible_columns). The columns are split into parts until about PROGRAMS
+programs run (flash-decoding): at batch 1 a 7B model has only 8 (row, KV head) pairs. Each part
+stores (acc, m, l); the last part of a pair to finish merges them in part order, so the output is
+the same on every run, with quant/split_k.py's counters:
 
-Measured (bench/RESULTS.md, session 12): with it, and emulate_precision_casts in the same run, a
-batch-1 GPTQ step went from 2.70 to 2.64 ms, less than the 0.2 ms hoped for. At batch 1 it is 8
-programs, each walking every column: splitting the columns across programs is the next thing to try.
+    out = Σ acc·exp(m − M) / Σ l·exp(m − M)        M the largest m of the parts
+
+Measured in a batch-1 GPTQ step on an H200 (bench/RESULTS.md, session 13): 7.5 µs a layer with one
+program per pair, 5.1 split (a kept decoder's 256-column cache).
 """
 
 import os
