@@ -59,12 +59,16 @@ def try_capture(model, step, stream, generator=None, required=False):
     except Exception as e:  # noqa: BLE001 (any failure means: decode this model eagerly)
         if required:
             raise
-        torch.cuda.synchronize()
         _uncapturable.add(model)
-        first_line = (str(e).splitlines() or [type(e).__name__])[0]
-        warnings.warn(f"decode: the one-token step could not be captured in a CUDA graph ({first_line}); "
-                      "decoding this model eagerly", stacklevel=3)
+        failed("the one-token step", e, "decoding this model eagerly")
         return None
+
+
+def failed(what, error, instead):
+    """After a failed capture: wait for the device, then warn with the error's first line."""
+    torch.cuda.synchronize()
+    first_line = (str(error).splitlines() or [type(error).__name__])[0]
+    warnings.warn(f"decode: {what} could not be captured in a CUDA graph ({first_line}); {instead}", stacklevel=4)
 
 
 def fingerprint(model):

@@ -38,7 +38,6 @@ as given: put it in eval mode first (dropout would otherwise be on).
 import inspect
 import math
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -364,11 +363,8 @@ class StaticDecoder(_Decoder):
             graph = cuda_graph.capture(lambda: out.append(self.compiled_forward(*inputs)), self.stream,
                                        pool=self.prefill_pool)
         except Exception as e:  # noqa: BLE001 (any failure means: prefill as before)
-            torch.cuda.synchronize()
             self.prefill_graphs = None
-            first_line = (str(e).splitlines() or [type(e).__name__])[0]
-            warnings.warn(f"decode: the prefill could not be captured in a CUDA graph ({first_line}); "
-                          "prefilling without one", stacklevel=3)
+            cuda_graph.failed("the prefill", e, "prefilling without one")
             return 0.0
         finally:
             self._decoding()
