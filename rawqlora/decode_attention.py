@@ -17,15 +17,33 @@ keeps sdpa). On CUDA the same math runs as one Triton kernel instead
 (rawqlora/decode_attention_kernel.py, tested against `grouped_attention`). `routed(step)` runs a
 compiled step with the model's attention dispatched here; anything but one boolean-masked query
 per row goes to sdpa as before.
+
+On CUDA, the attention layers of Llama, Mistral and Qwen2 go one step further in that step
+(`layer_forward`): what their forward does between the projections and the output projection,
+
+    q, k = apply_rotary_pos_emb(q, k, cos, sin);  cache.update(k, v)  ->  index_copy_ at the column
+    attention(q, cache's keys, cache's values)
+
+is the kernel's `rotary_attention`, one kernel where Inductor made four (tested against exactly that
+sequence: the cache writes bit for bit, the output as the kernel's).
 """
+
+from functools import partial
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from rawqlora import decode_attention_kernel
+from rawqlora.static_cache import StaticCache
 
 NAME = "rawqlora_one_token"
+# Where the kernel runs (the tests add "cpu" under Triton's interpreter).
+KERNEL_DEVICES = ("cuda",)
+# Attention layers whose forward is: q, k, v projections viewed [b, tokens, heads, d], rotary from
+# position_embeddings (apply_rotary_pos_emb), cache.update(k, v, layer_idx), the attention function
+# with `scaling`, o_proj (transformers' Llama, Mistral, Qwen2; Qwen2's window is in the prepared mask).
+ROTARY_LAYERS = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 # Attention-function arguments some models pass that change the arithmetic (Gemma 2's logit
 # soft-capping, attention sinks, position biases): with any of them the call goes to sdpa.
 UNHANDLED = ("softcap", "s_aux", "sinks", "position_bias")
@@ -39,7 +57,7 @@ def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = dim**-0.5 if scaling is None else scaling
-    if query.is_cuda and decode_attention_kernel.fits(query, key):  # on CUDA: this math as one kernel
+    if query.device.type in KERNEL_DEVICES and decode_attention_kernel.fits(query, key):  # on CUDA: this math as one kernel
         return decode_attention_kernel.attention(query, key, value, attention_mask, scaling), None
     return grouped_attention(query, key, value, attention_mask, scaling), None
 
@@ -60,9 +78,39 @@ def grouped_attention(query, key, value, visible, scaling):
 AttentionInterface.register(NAME, one_token_attention)
 
 
+def layer_forward(layer, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """An attention layer's forward (ROTARY_LAYERS): in a routed decode step on the kernel's devices, the
+    rotary, the cache write and the attention as one kernel; anything else as the layer's own forward."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the argument's new name, or its old one
+    batch, tokens, _ = hidden_states.shape
+    shape = (batch, tokens, -1, layer.head_dim)
+    decoding = (layer.config._attn_implementation == NAME and not layer.training and isinstance(cache, StaticCache)
+                and cache.length == cache.max_len and tokens == 1 and attention_mask is not None
+                and attention_mask.dtype == torch.bool and hidden_states.device.type in KERNEL_DEVICES)
+    if decoding:
+        keys, values = cache.keys[layer.layer_idx], cache.values[layer.layer_idx]
+        cos, sin = position_embeddings
+        heads = layer.config.num_attention_heads
+        if decode_attention_kernel.takes(keys.dtype, heads, keys.shape[1], layer.head_dim) and cos.dtype == keys.dtype:
+            out = decode_attention_kernel.rotary_attention(
+                *(p(hidden_states).view(shape) for p in (layer.q_proj, layer.k_proj, layer.v_proj)), cos, sin,
+                keys, values, cache.columns, attention_mask, layer.scaling)
+            return layer.o_proj(out.reshape(batch, tokens, -1)), None
+    return type(layer).forward(layer, hidden_states, position_embeddings, attention_mask, **kwargs)
+
+
+def route_layers(model):
+    """Give `model`'s ROTARY_LAYERS `layer_forward` (once; outside a routed step it is their own)."""
+    for module in model.modules():
+        if type(module).__name__ in ROTARY_LAYERS and not isinstance(module.forward, partial):
+            module.forward = partial(layer_forward, module)
+
+
 def routed(decoder, step):
-    """`step()` run with `decoder.model`'s attention dispatched to `one_token_attention`, then put back.
-    For a step compiled with it: the compiled code was traced, and is guarded, with this setting."""
+    """`step()` run with `decoder.model`'s attention dispatched to `one_token_attention`, and its
+    ROTARY_LAYERS to `layer_forward`'s kernel, then put back. For a step compiled with it: the
+    compiled code was traced, and is guarded, with this setting."""
+    route_layers(decoder.model)
 
     def run():
         config = decoder.model.config

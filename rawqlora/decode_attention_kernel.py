@@ -4,7 +4,12 @@
     out = attention(query, key, value, visible, scaling)
         query [b, heads, 1, d], key/value [b, kv_heads, columns, d] (the static cache's views),
         visible [b, 1, 1, columns] bool -> out [b, 1, heads, d] in query's dtype
-    (under torch.compile a custom op, rawqlora::one_token_attention, that the compiler calls as it is)
+    out = rotary_attention(query, key, value, cos, sin, key_cache, value_cache, column, visible, scaling)
+        the same, given the step's projections before their rotary embedding (query [b, 1, heads, d],
+        key/value [b, 1, kv_heads, d], cos/sin [b, 1, d]): it rotates query and key and writes key and
+        value into the caches [b, kv_heads, columns, d] at `column` ([1] long) first
+    (under torch.compile custom ops, rawqlora::one_token_attention and rawqlora::rotary_one_token_attention,
+    that the compiler calls as they are)
 
 Compiled, the reference's products and sums became three kernels a layer (scores, softmax, the
 weighted sum of values): 9 µs of a 7B layer's decode step on an H200, 0.3 ms a token, for 1 MB of
@@ -27,6 +32,17 @@ the same on every run, with quant/split_k.py's counters:
 
 Measured in a batch-1 GPTQ step on an H200 (bench/RESULTS.md, session 13): 7.5 µs a layer with one
 program per pair, 5.1 split (a kept decoder's 256-column cache).
+
+`rotary_attention` also takes over what the layer did before it (transformers' apply_rotary_pos_emb,
+then the cache's index_copy_): three small kernels a layer that Inductor made of it, 3.6 µs of each
+layer's step on that H200, mostly launch and wait (session 13's profile). Every program rotates the
+query heads it holds,
+
+    rotary(x) = x·cos + rotate_half(x)·sin       rotate_half(x) = (−x[d/2:], x[:d/2])
+
+rounded to the cache's dtype after each product and after the sum, as the eager bf16 code rounds
+(its cache writes are the eager layer's bit for bit); the program whose columns hold `column` also
+writes the new key and value there, before it reads its columns.
 """
 
 import os
@@ -43,18 +59,29 @@ PROGRAMS = 264
 
 
 def fits(query, key):
-    """Whether the kernel takes these: 16-bit inputs (in fp32 its products would run in TF32, coarser
-    than the reference's fp32), a power-of-two head size of 16..256 (tl.arange), at most 64 query
-    heads a KV head. The caller checks the device (CUDA)."""
-    dim, group = query.shape[-1], query.shape[1] // key.shape[1]
-    return (triton is not None and query.dtype == key.dtype and query.dtype in (torch.bfloat16, torch.float16)
-            and 16 <= dim <= 256 and dim & (dim - 1) == 0 and group <= 64)
+    """Whether the kernel takes these (`takes`); the caller checks the device (CUDA)."""
+    return query.dtype == key.dtype and takes(query.dtype, query.shape[1], key.shape[1], query.shape[-1])
+
+
+def takes(dtype, heads, kv_heads, dim):
+    """Whether the kernel takes query and cache of `dtype`, `heads` query heads over `kv_heads`, heads of
+    size `dim`: 16-bit (in fp32 its products would run in TF32, coarser than the reference's fp32), a
+    power-of-two head size of 16..256 (tl.arange), at most 64 query heads a KV head."""
+    return (triton is not None and dtype in (torch.bfloat16, torch.float16) and 16 <= dim <= 256
+            and dim & (dim - 1) == 0 and heads // kv_heads <= 64)
 
 
 def attention(query, key, value, visible, scaling):
     if torch.compiler.is_compiling():
         return torch.ops.rawqlora.one_token_attention(query, key, value, visible, scaling)
     return _launch(query, key, value, visible, scaling)
+
+
+def rotary_attention(query, key, value, cos, sin, key_cache, value_cache, column, visible, scaling):
+    if torch.compiler.is_compiling():
+        return torch.ops.rawqlora.rotary_one_token_attention(query, key, value, cos, sin, key_cache, value_cache,
+                                                             column, visible, scaling)
+    return _launch(query, key_cache, value_cache, visible, scaling, new=(key, value, cos, sin, column))
 
 
 def split(pairs, columns):
@@ -65,9 +92,22 @@ def split(pairs, columns):
     return per_part, triton.cdiv(blocks, per_part)
 
 
-def _launch(query, key, value, visible, scaling):
-    # The kernel steps through d with stride 1; any other layout is copied first.
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+def _launch(query, key, value, visible, scaling, new=None):
+    """key/value: the cache's columns. new: None, or (the step's key, value, cos, sin, column) as
+    rotary_attention takes them, with query then before its rotary ([b, 1, heads, d])."""
+    # The kernel steps through d with stride 1; any other layout of what it only reads is copied first.
+    def unit_stride(t):
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    if new is None:
+        query, key, value = map(unit_stride, (query, key, value))
+        k_new = v_new = cos = sin = column = query  # not read
+    else:
+        if key.stride(-1) != 1 or value.stride(-1) != 1:
+            raise ValueError("rotary_attention writes the caches in place: their last dimension needs stride 1")
+        query = unit_stride(query).transpose(1, 2)  # [b, heads, 1, d], as the kernel indexes it
+        k_new, v_new, cos, sin, column = map(unit_stride, new)
+        cos, sin = (t.expand(query.shape[0], 1, -1) for t in (cos, sin))  # one row's for all: stride 0
     batch, heads, _, dim = query.shape
     kv_heads, columns = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -78,10 +118,17 @@ def _launch(query, key, value, visible, scaling):
     # each part's (acc, m, l): g_pad · (dim + 2) floats; a counter per pair
     ws = split_k.workspace(query.device, batch * kv_heads * parts * g_pad * (dim + 2), batch * kv_heads)
     _kernel[(batch, kv_heads, parts)](query, key, value, visible, out, ws.partials, ws.counters, scaling, columns,
+                                      k_new, v_new, cos, sin, column,
                                       query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
                                       value.stride(0), value.stride(1), value.stride(2), visible.stride(0),
+                                      k_new.stride(0), k_new.stride(2), v_new.stride(0), v_new.stride(2),
+                                      cos.stride(0), sin.stride(0),
                                       GROUP=group, G_PAD=g_pad, D=dim, BLOCK_C=BLOCK_C, BLOCKS=blocks, SPLIT=parts,
-                                      INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
+                                      ROTARY=new is not None,
+                                      INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4,
+                                      # no fused multiply-adds: with them the compiler dropped the rotary's rounding
+                                      # to 16 bits between a product and the sum (as Inductor, to round as eager)
+                                      enable_fp_fusion=False)
     return out
 
 
@@ -97,13 +144,27 @@ def _(query, key, value, visible, scaling):
     return query.new_empty(batch, 1, heads, dim)
 
 
+@torch.library.custom_op("rawqlora::rotary_one_token_attention", mutates_args=("key_cache", "value_cache"))
+def _rotary_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
+                         sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, column: torch.Tensor,
+                         visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    return _launch(query, key_cache, value_cache, visible, scaling, new=(key, value, cos, sin, column))
+
+
+@_rotary_attention_op.register_fake
+def _(query, key, value, cos, sin, key_cache, value_cache, column, visible, scaling):
+    batch, _, heads, dim = query.shape
+    return query.new_empty(batch, 1, heads, dim)
+
+
 if triton is not None:
 
     @triton.jit
     def _kernel(q_ptr, k_ptr, v_ptr, vis_ptr, o_ptr, part_ptr, count_ptr, scaling, columns,
-                sq_b, sq_h, sk_b, sk_h, sk_c, sv_b, sv_h, sv_c, svis_b,
+                kn_ptr, vn_ptr, cos_ptr, sin_ptr, col_ptr,
+                sq_b, sq_h, sk_b, sk_h, sk_c, sv_b, sv_h, sv_c, svis_b, skn_b, skn_h, svn_b, svn_h, scos_b, ssin_b,
                 GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr,
-                BLOCKS: tl.constexpr, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
+                BLOCKS: tl.constexpr, SPLIT: tl.constexpr, ROTARY: tl.constexpr, INTERPRETED: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         part = tl.program_id(2)  # this program's columns: [part · BLOCKS · BLOCK_C, + BLOCKS · BLOCK_C)
@@ -111,7 +172,23 @@ if triton is not None:
         d = tl.arange(0, D)
         c = tl.arange(0, BLOCK_C)
         row = g < GROUP
-        q = tl.load(q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h + d[None, :], mask=row[:, None], other=0.0)
+        q_rows = q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h
+        q = tl.load(q_rows + d[None, :], mask=row[:, None], other=0.0)
+        if ROTARY:
+            half = (d + D // 2) % D  # rotate_half's source of each d
+            cos = tl.load(cos_ptr + b * scos_b + d).to(tl.float32)
+            sin = tl.load(sin_ptr + b * ssin_b + d).to(tl.float32)
+            q = _rotary(q, tl.load(q_rows + half[None, :], mask=row[:, None], other=0.0), cos[None, :], sin[None, :],
+                        (d < D // 2)[None, :], INTERPRETED)
+            k_new = _rotary(tl.load(kn_ptr + b * skn_b + h * skn_h + d), tl.load(kn_ptr + b * skn_b + h * skn_h + half),
+                            cos, sin, d < D // 2, INTERPRETED)
+            v_new = tl.load(vn_ptr + b * svn_b + h * svn_h + d)
+            column = tl.load(col_ptr + d * 0)  # [D], all `column`
+            first = part * BLOCKS * BLOCK_C
+            owner = (column >= first) & (column < first + BLOCKS * BLOCK_C)  # of the part that reads `column`
+            tl.store(k_ptr + b * sk_b + h * sk_h + column * sk_c + d, k_new, mask=owner)
+            tl.store(v_ptr + b * sv_b + h * sv_h + column * sv_c + d, v_new, mask=owner)
+            tl.debug_barrier()  # stored before any lane of this program reads the column
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
@@ -171,6 +248,24 @@ if triton is not None:
                     top = new_top
                 tl.store(out_ptrs, (total / _nonzero(weight)[:, None]).to(o_ptr.dtype.element_ty), mask=row[:, None])
                 tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _rotary(x, x_half, cos, sin, negated, INTERPRETED: tl.constexpr):
+        """x·cos + rotate_half(x)·sin, x_half = x at rotate_half's source (negated where `negated`),
+        rounded to x's dtype after each product and after the sum, as the eager code in x's dtype."""
+        rotated = tl.where(negated, -x_half.to(tl.float32), x_half.to(tl.float32))
+        a = _round(x.to(tl.float32) * cos, x.dtype, INTERPRETED).to(tl.float32)
+        b = _round(rotated * sin, x.dtype, INTERPRETED).to(tl.float32)
+        return _round(a + b, x.dtype, INTERPRETED)
+
+    @triton.jit
+    def _round(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+        """fp32 x in `dtype`, to nearest (ties to even), as the GPU's conversion and torch's round; the
+        interpreter's conversion to bf16 truncates, so there x is rounded to bf16's 8 bits first."""
+        if INTERPRETED and dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            x = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return x.to(dtype)
 
     @triton.jit
     def _finite(m):

@@ -145,3 +145,75 @@ def test_kernel_takes_16_bit_inputs_and_its_shapes_only():
     assert fits() == fits(torch.float16) == (triton is not None)
     assert not fits(torch.float32)  # TF32 products: the reference's fp32 math instead
     assert not fits(dim=96) and not fits(dim=512) and not fits(heads=130, kv_heads=2)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim, columns, column, programs", [
+    (8, 2, 64, 150, 140, 264),  # the column in the last of 5 parts
+    (8, 2, 64, 150, 37, 12),  # in the first of 2 parts: the other part reads the column unwritten
+    (28, 4, 128, 40, 39, 264),  # Qwen2-7B's grouping, one partial block
+])
+def test_rotary_kernel_equals_the_layer_code_it_replaces(heads, kv_heads, dim, columns, column, programs, monkeypatch):
+    # rotary_attention against what the layer does: transformers' apply_rotary_pos_emb, the cache's
+    # index_copy_, the attention (on the GPU or in Triton's interpreter)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from rawqlora import decode_attention_kernel
+
+    monkeypatch.setattr(decode_attention_kernel, "PROGRAMS", programs)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(heads + column)
+    batch = 3
+
+    def bf16(*shape):
+        return torch.randn(*shape, generator=g).to(device, torch.bfloat16)
+
+    projected = bf16(batch, 1, (heads + 2 * kv_heads) * dim)  # q, k, v as slices of one product, as decode's
+    query, key, value = projected.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    query, key, value = (t.view(batch, 1, -1, dim) for t in (query, key, value))
+    angles = torch.rand(batch, 1, dim // 2, generator=g) * 100
+    cos, sin = (f(torch.cat([angles, angles], dim=-1)).to(device, torch.bfloat16) for f in (torch.cos, torch.sin))
+    caches = bf16(2, batch, kv_heads, columns, dim)
+    real = torch.ones(batch, columns, dtype=torch.bool)
+    real[1, :70] = False
+    at = torch.tensor([column])
+    visible = visible_columns(real, at, torch.arange(columns)).to(device)
+
+    key_cache, value_cache = caches.clone()
+    ours = decode_attention_kernel.rotary_attention(query, key, value, cos, sin, key_cache, value_cache, at.to(device),
+                                                    visible, dim**-0.5)
+    q, k = apply_rotary_pos_emb(query.transpose(1, 2), key.transpose(1, 2), cos, sin)
+    ref_keys, ref_values = caches.clone()
+    ref_keys.index_copy_(2, at.to(device), k)
+    ref_values.index_copy_(2, at.to(device), value.transpose(1, 2))
+    assert torch.equal(key_cache, ref_keys) and torch.equal(value_cache, ref_values)  # eager bf16's rounding
+    # the attention: the plain kernel's on the layer's rotated query, bit for bit, and so the reference's
+    assert torch.equal(ours, decode_attention_kernel._launch(q, ref_keys, ref_values, visible, dim**-0.5))
+    ref = decode_attention.grouped_attention(q, ref_keys, ref_values, visible, dim**-0.5)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=2**-8, atol=2**-8 * value.abs().max().item())
+
+
+def test_layers_decode_through_the_rotary_kernel(monkeypatch):
+    # A bf16 model's routed decode steps with layer_forward against the same steps with only the
+    # attention function routed (the plain kernel after the layer's own rotary and cache write): the
+    # rotary kernel computes the same bits, so the same tokens; the prefill keeps the layer's forward.
+    from rawqlora import decode_attention_kernel
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(decode_attention, "KERNEL_DEVICES", (device,))  # on the CPU: in Triton's interpreter
+    prompts = [[5, 9, 14, 3, 77, 21], [8, 40, 2]]
+    plain_step = StaticDecoder.eager_step
+
+    def decode(route_layers):
+        model = tiny_model("llama", 101, seed=0, layers=2, dtype=torch.bfloat16).eval().to(device)
+        monkeypatch.setattr(decode_attention, "route_layers", route_layers)
+        monkeypatch.setattr(StaticDecoder, "eager_step",
+                            lambda self: decode_attention.routed(self, lambda: plain_step(self))())
+        return generate(model, prompts, 10, cache="static", graph=False).tokens
+
+    calls = []
+    rotary, route_layers = decode_attention_kernel.rotary_attention, decode_attention.route_layers
+    monkeypatch.setattr(decode_attention_kernel, "rotary_attention", lambda *a: calls.append(1) or rotary(*a))
+    expected = decode(lambda model: None)
+    assert not calls
+    assert decode(route_layers) == expected
+    assert len(calls) == 9 * 2  # 9 decode steps after the first token, 2 layers
