@@ -34,7 +34,7 @@ Measured in a batch-1 GPTQ step on an H200 (bench/RESULTS.md, session 13): 7.5 �
 program per pair, 5.1 split (a kept decoder's 256-column cache).
 
 `rotary_attention` also takes over what the layer did before it (transformers' apply_rotary_pos_emb,
-then the cache's index_copy_): three small kernels a layer that Inductor made of it, 3.6 µs of each
+then the cache's index_copy_): three small kernels a layer that Inductor made of it, 4 µs of each
 layer's step on that H200, mostly launch and wait (session 13's profile). Every program rotates the
 query heads it holds,
 
@@ -42,7 +42,8 @@ query heads it holds,
 
 rounded to the cache's dtype after each product and after the sum, as the eager bf16 code rounds
 (its cache writes are the eager layer's bit for bit); the program whose columns hold `column` also
-writes the new key and value there, before it reads its columns.
+writes the new key and value there, before it reads its columns. In the same step (session 14): the
+attention 164 -> 187 µs, the three kernels' 127 µs gone, a 2.504 -> 2.372 ms step.
 """
 
 import os
