@@ -192,10 +192,14 @@ def test_rotary_kernel_equals_the_layer_code_it_replaces(heads, kv_heads, dim, c
     torch.testing.assert_close(ours.float(), ref.float(), rtol=2**-8, atol=2**-8 * value.abs().max().item())
 
 
-def test_layers_decode_through_the_rotary_kernel(monkeypatch):
+@pytest.mark.parametrize("nf4", [False, True])
+def test_layers_decode_through_the_rotary_kernel(make_model_dir, nf4, monkeypatch):
     # A bf16 model's routed decode steps with layer_forward against the same steps with only the
     # attention function routed (the plain kernel after the layer's own rotary and cache write): the
     # rotary kernel computes the same bits, so the same tokens; the prefill keeps the layer's forward.
+    # nf4: an NF4 base with an unmerged LoRA adapter on every projection (bf16 compute).
+    import lora
+    import quant
     from rawqlora import decode_attention_kernel
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -204,7 +208,12 @@ def test_layers_decode_through_the_rotary_kernel(monkeypatch):
     plain_step = StaticDecoder.eager_step
 
     def decode(route_layers):
-        model = tiny_model("llama", 101, seed=0, layers=2, dtype=torch.bfloat16).eval().to(device)
+        model = quant.load_model(make_model_dir("llama"), quant="nf4" if nf4 else None, device=device).eval()
+        if nf4:
+            torch.manual_seed(0)  # the same adapter (A's initialisation too) in both decodes
+            lora.inject(model, "all-linear", r=4, alpha=8)
+            for layer in lora.lora_modules(model).values():
+                torch.nn.init.normal_(layer.lora_B.weight, std=0.1)  # B away from zero: the adapter matters
         monkeypatch.setattr(decode_attention, "route_layers", route_layers)
         monkeypatch.setattr(StaticDecoder, "eager_step",
                             lambda self: decode_attention.routed(self, lambda: plain_step(self))())
