@@ -175,21 +175,11 @@ if triton is not None:
         row = g < GROUP
         q_rows = q_ptr + b * sq_b + (h * GROUP + g)[:, None] * sq_h
         q = tl.load(q_rows + d[None, :], mask=row[:, None], other=0.0)
-        if ROTARY:
-            half = (d + D // 2) % D  # rotate_half's source of each d
-            cos = tl.load(cos_ptr + b * scos_b + d).to(tl.float32)
-            sin = tl.load(sin_ptr + b * ssin_b + d).to(tl.float32)
-            q = _rotary(q, tl.load(q_rows + half[None, :], mask=row[:, None], other=0.0), cos[None, :], sin[None, :],
-                        (d < D // 2)[None, :], INTERPRETED)
-            k_new = _rotary(tl.load(kn_ptr + b * skn_b + h * skn_h + d), tl.load(kn_ptr + b * skn_b + h * skn_h + half),
-                            cos, sin, d < D // 2, INTERPRETED)
-            v_new = tl.load(vn_ptr + b * svn_b + h * svn_h + d)
-            column = tl.load(col_ptr + d * 0)  # [D], all `column`
-            first = part * BLOCKS * BLOCK_C
-            owner = (column >= first) & (column < first + BLOCKS * BLOCK_C)  # of the part that reads `column`
-            tl.store(k_ptr + b * sk_b + h * sk_h + column * sk_c + d, k_new, mask=owner)
-            tl.store(v_ptr + b * sv_b + h * sv_h + column * sv_c + d, v_new, mask=owner)
-            tl.debug_barrier()  # stored before any lane of this program reads the column
+        if ROTARY:  # the query heads rotated; the new key and value written where this program's part reads
+            q = _rotate_and_write(q, q_rows, row, kn_ptr + b * skn_b + h * skn_h, vn_ptr + b * svn_b + h * svn_h,
+                                  cos_ptr + b * scos_b, sin_ptr + b * ssin_b, col_ptr, k_ptr + b * sk_b + h * sk_h,
+                                  v_ptr + b * sv_b + h * sv_h, sk_c, sv_c, part * BLOCKS * BLOCK_C, BLOCKS * BLOCK_C,
+                                  D, INTERPRETED)
         m = tl.full((G_PAD,), float("-inf"), tl.float32)
         l = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
@@ -249,6 +239,27 @@ if triton is not None:
                     top = new_top
                 tl.store(out_ptrs, (total / _nonzero(weight)[:, None]).to(o_ptr.dtype.element_ty), mask=row[:, None])
                 tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _rotate_and_write(q, q_rows, row, k_new, v_new, cos_row, sin_row, col_ptr, k_head, v_head, sk_c, sv_c,
+                          first, width, D: tl.constexpr, INTERPRETED: tl.constexpr):
+        """rotary_attention's prologue: the query heads q (loaded from q_rows, `row` the real ones) rotated,
+        returned; the KV head's new key rotated and, with its new value, written at `column` in its cache
+        (k_head, v_head) by the program whose columns [first, first + width) hold that column."""
+        d = tl.arange(0, D)
+        half = (d + D // 2) % D  # rotate_half's source of each d
+        negated = d < D // 2
+        cos = tl.load(cos_row + d).to(tl.float32)
+        sin = tl.load(sin_row + d).to(tl.float32)
+        q = _rotary(q, tl.load(q_rows + half[None, :], mask=row[:, None], other=0.0), cos[None, :], sin[None, :],
+                    negated[None, :], INTERPRETED)
+        k = _rotary(tl.load(k_new + d), tl.load(k_new + half), cos, sin, negated, INTERPRETED)
+        column = tl.load(col_ptr + d * 0)  # [D], all `column`
+        owner = (column >= first) & (column < first + width)
+        tl.store(k_head + column * sk_c + d, k, mask=owner)
+        tl.store(v_head + column * sv_c + d, tl.load(v_new + d), mask=owner)
+        tl.debug_barrier()  # stored before any lane of this program reads the column
+        return q
 
     @triton.jit
     def _rotary(x, x_half, cos, sin, negated, INTERPRETED: tl.constexpr):
