@@ -114,7 +114,7 @@ def _launch(query, key, value, visible, scaling, new=None):
     group = heads // kv_heads
     g_pad = max(16, triton.next_power_of_2(group))
     out = torch.empty(batch, 1, heads, dim, device=query.device, dtype=query.dtype)
-    visible = visible.reshape(batch, columns)
+    visible = unit_stride(visible.reshape(batch, columns))
     blocks, parts = split(batch * kv_heads, columns)
     # each part's (acc, m, l): g_pad · (dim + 2) floats; a counter per pair
     ws = split_k.workspace(query.device, batch * kv_heads * parts * g_pad * (dim + 2), batch * kv_heads)
@@ -133,7 +133,13 @@ def _launch(query, key, value, visible, scaling, new=None):
     return out
 
 
-@torch.library.custom_op("rawqlora::one_token_attention", mutates_args=())
+# Inductor may lay the ops' inputs out as it likes (the kernel takes any strides): under its default for
+# custom ops (exact strides) it wrote every layer its own copy of the step's cos, sin and mask, in one kernel
+# per four layers; with this tag it computes them once (a 32-layer step compiled on the CPU, session 14).
+LAYOUT = (torch.Tag.flexible_layout,)
+
+
+@torch.library.custom_op("rawqlora::one_token_attention", mutates_args=(), tags=LAYOUT)
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, visible: torch.Tensor,
                   scaling: float) -> torch.Tensor:
     return _launch(query, key, value, visible, scaling)
@@ -145,7 +151,8 @@ def _(query, key, value, visible, scaling):
     return query.new_empty(batch, 1, heads, dim)
 
 
-@torch.library.custom_op("rawqlora::rotary_one_token_attention", mutates_args=("key_cache", "value_cache"))
+@torch.library.custom_op("rawqlora::rotary_one_token_attention", mutates_args=("key_cache", "value_cache"),
+                         tags=LAYOUT)
 def _rotary_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos: torch.Tensor,
                          sin: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, column: torch.Tensor,
                          visible: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -226,3 +226,39 @@ def test_layers_decode_through_the_rotary_kernel(make_model_dir, nf4, monkeypatc
     assert not calls
     assert decode(route_layers) == expected
     assert len(calls) == 9 * 2  # 9 decode steps after the first token, 2 layers
+
+
+@pytest.mark.parametrize("rotary", [True, False])
+def test_compiled_step_decodes_as_the_eager_one(rotary, monkeypatch):
+    # torch.compile (Inductor) calls rotary_attention as the custom op rawqlora::rotary_one_token_attention,
+    # which writes the caches it is given, and `attention` as rawqlora::one_token_attention (rotary=False:
+    # the layers' own forward): the compiled routed step picks the eager routed step's tokens (on the CPU:
+    # C++ code around the kernel in Triton's interpreter).
+    from rawqlora import decode_attention_kernel
+    from rawqlora.decode import COMPILE_OPTIONS, Sampling, left_pad
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(decode_attention, "KERNEL_DEVICES", (device,))  # on the CPU: in Triton's interpreter
+    launches = []
+    launch = decode_attention_kernel._launch
+    monkeypatch.setattr(decode_attention_kernel, "_launch",
+                        lambda *a, new=None: launches.append(new is not None) or launch(*a, new=new))
+    if not rotary:
+        monkeypatch.setattr(decode_attention, "route_layers", lambda model: None)
+    model = tiny_model("llama", 101, seed=0, layers=2, dtype=torch.bfloat16).eval().to(device)
+    ids, mask = left_pad([[5, 9, 14, 3], [7, 8]], 0, device)
+
+    def tokens(compiled):
+        decoder = StaticDecoder(model, 2, Sampling(), [], 0, 32)
+        step = torch.compile(decoder.eager_step, dynamic=False, options=COMPILE_OPTIONS) if compiled else decoder.eager_step
+        step = decode_attention.routed(decoder, step)
+        with torch.inference_mode():
+            decoder.prefill(ids, mask)
+            out = [decoder.report[0].tolist()]
+            for _ in range(8):
+                step()
+                out.append(decoder.report[0].tolist())
+        return out
+
+    assert tokens(compiled=True) == tokens(compiled=False)
+    assert launches == [rotary] * (2 * 8 * 2)  # both runs: 8 steps of 2 layers, each the rotary kernel or not
