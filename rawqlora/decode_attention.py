@@ -57,7 +57,7 @@ def one_token_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     scaling = dim**-0.5 if scaling is None else scaling
-    if query.device.type in KERNEL_DEVICES and decode_attention_kernel.fits(query, key):  # on CUDA: this math as one kernel
+    if query.device.type in KERNEL_DEVICES and decode_attention_kernel.fits(query, key):  # this math as one kernel
         return decode_attention_kernel.attention(query, key, value, attention_mask, scaling), None
     return grouped_attention(query, key, value, attention_mask, scaling), None
 

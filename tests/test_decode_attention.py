@@ -250,7 +250,9 @@ def test_compiled_step_decodes_as_the_eager_one(rotary, monkeypatch):
 
     def tokens(compiled):
         decoder = StaticDecoder(model, 2, Sampling(), [], 0, 32)
-        step = torch.compile(decoder.eager_step, dynamic=False, options=COMPILE_OPTIONS) if compiled else decoder.eager_step
+        step = decoder.eager_step
+        if compiled:
+            step = torch.compile(step, dynamic=False, options=COMPILE_OPTIONS)
         step = decode_attention.routed(decoder, step)
         with torch.inference_mode():
             decoder.prefill(ids, mask)
